@@ -1,0 +1,1 @@
+"""The aptserve HTTP service and command line."""

@@ -1,0 +1,1 @@
+"""APT training recipe: data, diffusion pre-training, consistency distillation, adversarial post-training, evaluation."""

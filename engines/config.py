@@ -81,9 +81,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(name="tiny", dit=DIT_PRESETS["tiny"], vae=VAE_PRESETS["tiny"]),
-    "apt-8b": ModelConfig(
-        name="apt-8b", dit=DIT_PRESETS["apt-8b"], vae=VAE_PRESETS["wan"], default_size=(1280, 720)
-    ),
+    "apt-8b": ModelConfig(name="apt-8b", dit=DIT_PRESETS["apt-8b"], vae=VAE_PRESETS["wan"], default_size=(1280, 720)),
 }
 
 

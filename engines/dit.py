@@ -190,7 +190,9 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         if self.depth < 1 or self.hidden_size < 1 or self.num_heads < 1:
-            raise ValueError(f"depth, hidden_size, num_heads must be >= 1; got {self.depth}, {self.hidden_size}, {self.num_heads}")
+            raise ValueError(
+                f"depth, hidden_size, num_heads must be >= 1; got {self.depth}, {self.hidden_size}, {self.num_heads}"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         head_dim = self.hidden_size // self.num_heads

@@ -51,7 +51,9 @@ def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.
     modules["dit"].init_weights(generator, zero_out=False)
     torch.manual_seed(seed)
     modules["vae"].init_weights()
-    return LoadedModel(config, modules["dit"].to(dtype).eval(), modules["vae"].to(dtype).eval(), f"{config.name} (random weights)")
+    return LoadedModel(
+        config, modules["dit"].to(dtype).eval(), modules["vae"].to(dtype).eval(), f"{config.name} (random weights)"
+    )
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -153,7 +155,9 @@ def resolve_model(spec: str) -> str | Path:
         return MODELS_DIR / spec
     if spec in MODEL_PRESETS:
         return spec
-    raise ValueError(f"unknown model {spec!r}: not a checkpoint folder, not in {MODELS_DIR}, not a preset {sorted(MODEL_PRESETS)}")
+    raise ValueError(
+        f"unknown model {spec!r}: not a checkpoint folder, not in {MODELS_DIR}, not a preset {sorted(MODEL_PRESETS)}"
+    )
 
 
 def load_model(

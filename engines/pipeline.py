@@ -108,7 +108,9 @@ class Pipeline:
         steps = steps or self.config.default_steps
         return GenerationRequest(prompts, seeds, width, height, frames, steps, **kwargs)
 
-    def generate(self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False) -> Iterator[FrameChunk]:
+    def generate(
+        self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False
+    ) -> Iterator[FrameChunk]:
         """Run one request; yields chunks as the VAE decodes them. `cancelled` is polled between stages and chunks."""
         timings = dict.fromkeys(STAGES, 0.0)
         with torch.inference_mode():

@@ -6,6 +6,7 @@ two-step variant and the many-step teacher with classifier-free guidance.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -69,7 +70,7 @@ def euler(velocity: Velocity, z: torch.Tensor, num_steps: int, shift_factor: flo
     """Euler integration of dx/dt = v from t = 1 (z) to t = 0 on the shifted schedule."""
     ts = timesteps(num_steps, shift_factor).tolist()
     x = z
-    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+    for t_cur, t_next in itertools.pairwise(ts):
         t = torch.full((z.shape[0],), t_cur, device=z.device)
         x = x + (t_next - t_cur) * velocity(x, t)
     return x

@@ -31,7 +31,9 @@ class TextEncoderConfig:
         if self.kind not in TEXT_ENCODER_KINDS:
             raise ValueError(f"unknown text encoder kind {self.kind!r}; choose one of {TEXT_ENCODER_KINDS}")
         if self.dim < 1 or self.max_length < 2:
-            raise ValueError(f"text encoder dim and max_length must be >= 1 and >= 2; got {self.dim}, {self.max_length}")
+            raise ValueError(
+                f"text encoder dim and max_length must be >= 1 and >= 2; got {self.dim}, {self.max_length}"
+            )
         if self.kind == "t5" and not self.path:
             raise ValueError("the t5 text encoder needs `path`, a local folder with the model and tokenizer")
 

@@ -13,9 +13,13 @@ ATTENTION_IMPLS = ("auto", "sdpa", "reference")
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
     if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"expected q (B,H,Nq,D) and k, v (B,H,Nk,D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q (B,H,Nq,D) and k, v (B,H,Nk,D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if key_padding_mask is not None and key_padding_mask.shape != (k.shape[0], k.shape[2]):
-        raise ValueError(f"key_padding_mask must be (B, Nk) = {(k.shape[0], k.shape[2])}; got {tuple(key_padding_mask.shape)}")
+        raise ValueError(
+            f"key_padding_mask must be (B, Nk) = {(k.shape[0], k.shape[2])}; got {tuple(key_padding_mask.shape)}"
+        )
 
 
 def reference_attention(

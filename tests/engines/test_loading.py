@@ -81,10 +81,10 @@ def test_config_problems(checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match=r"unknown keys in config section 'dit': \['depth_typo'\]"):
         load_checkpoint(checkpoint)
     config_file.write_text("{not json")
-    with pytest.raises(CheckpointError, match="bad config.json"):
+    with pytest.raises(CheckpointError, match=r"bad config\.json"):
         load_checkpoint(checkpoint)
     config_file.unlink()
-    with pytest.raises(CheckpointError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match=r"has no config\.json"):
         load_checkpoint(checkpoint)
     with pytest.raises(CheckpointError, match="is not a folder"):
         load_checkpoint(tmp_path / "nowhere")
@@ -92,17 +92,21 @@ def test_config_problems(checkpoint, tmp_path):
 
 def test_no_weights_or_corrupt_weights(checkpoint):
     (checkpoint / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot read model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"cannot read model\.safetensors"):
         load_checkpoint(checkpoint)
     (checkpoint / "model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
         load_checkpoint(checkpoint)
 
 
 def test_mismatched_components_in_model_config():
     base = MODEL_PRESETS["tiny"]
     with pytest.raises(ValueError, match="text_dim"):
-        ModelConfig("x", dit=MODEL_PRESETS["apt-8b"].dit.__class__(depth=1, hidden_size=64, num_heads=4, text_dim=7), vae=base.vae)
+        ModelConfig(
+            "x",
+            dit=MODEL_PRESETS["apt-8b"].dit.__class__(depth=1, hidden_size=64, num_heads=4, text_dim=7),
+            vae=base.vae,
+        )
     with pytest.raises(ValueError, match="multiples of 16"):
         ModelConfig("x", dit=base.dit, vae=base.vae, default_size=(60, 64))
 

@@ -1,0 +1,94 @@
+"""The `aptserve` command line. Subcommands import their heavy dependencies lazily so `--help` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "tiny"
+
+log = logging.getLogger("aptserve")
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("generate", help="generate one clip to an MP4 file")
+    p.add_argument("prompt", help="text prompt")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.mp4"), help="MP4 file to write (default out.mp4)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, name under models/, or preset")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
+    p.add_argument("--seconds", type=float, default=2.0, help="clip length; frames = 4*latents - 3 (2 s -> 49)")
+    p.add_argument("--steps", type=int, default=None, help="1 (APT), 2 (zero-shot two step) or more (teacher)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale for many-step sampling")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from engines.pipeline import Pipeline
+    from server.encoding import FragmentedMP4Encoder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
+    with tqdm(total=None, desc=f"loading {args.model}", disable=args.no_progress, unit="chunk") as bar:
+        pipeline = Pipeline.from_name(args.model, device, dtype)
+        request = pipeline.request(
+            args.prompt, args.seed, args.size, args.seconds, args.steps, guidance_scale=args.guidance
+        )
+        bar.reset(total=pipeline.latent_shape(request)[1])
+        bar.set_description("text + DiT")
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with (
+            open(args.output, "wb") as out,
+            FragmentedMP4Encoder(request.width, request.height, pipeline.config.fps) as enc,
+        ):
+            for chunk in pipeline.generate(request):
+                bar.set_description("decode + encode")
+                for piece in enc.write(chunk.frames[0]):
+                    out.write(piece)
+                bar.update(1)
+                timings = chunk.timings
+            for piece in enc.close():
+                out.write(piece)
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())
+    log.info(
+        "wrote %s: %d frames %dx%d at %d fps (%s)",
+        args.output,
+        request.frames,
+        request.width,
+        request.height,
+        pipeline.config.fps,
+        stages,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aptserve", description="One-step text-to-video: generate, serve, bench.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad user input: say what, no traceback
+        parser.exit(2, f"aptserve {args.command}: error: {exc}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

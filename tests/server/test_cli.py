@@ -1,0 +1,44 @@
+"""`aptserve generate` as a user runs it: a subprocess writing a real MP4 that decodes back correctly."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+
+EXE = shutil.which("aptserve", path=str(Path(sys.executable).parent))
+
+
+def run(*args, check=True):
+    return subprocess.run([EXE, *args, "--no-progress"], capture_output=True, text=True, check=check, timeout=300)
+
+
+def probe(path):
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return frames, stream.width, stream.height, stream.average_rate
+
+
+def test_generate_two_seconds(tmp_path):
+    out = tmp_path / "clip.mp4"
+    result = run("generate", "a red circle moving left", "-o", str(out), "--seed", "3")
+    assert probe(out) == (49, 64, 64, 24)
+    assert "49 frames 64x64 at 24 fps" in result.stderr
+
+
+@pytest.mark.parametrize(("seconds", "frames"), [(1.0, 25), (0.5, 13)])
+def test_generate_other_durations_and_sizes(tmp_path, seconds, frames):
+    out = tmp_path / "clip.mp4"
+    run("generate", "a blue square moving up", "-o", str(out), "--seconds", str(seconds), "--size", "96x64")
+    assert probe(out) == (frames, 96, 64, 24)
+
+
+def test_bad_arguments_fail_cleanly(tmp_path):
+    result = run("generate", "x", "-o", str(tmp_path / "x.mp4"), "--size", "100x64", check=False)
+    assert result.returncode == 2
+    assert "multiples of 16" in result.stderr and "Traceback" not in result.stderr
+    result = run("generate", "x", "--model", "no-such-model", check=False)
+    assert result.returncode == 2 and "unknown model 'no-such-model'" in result.stderr

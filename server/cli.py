@@ -70,11 +70,36 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    from server.settings import add_settings_arguments
+
+    p = subparsers.add_parser("serve", help="run the HTTP/WebSocket server (settings also from APTSERVE_* env vars)")
+    add_settings_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.app import create_app
+    from server.settings import settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        raise ValueError(str(exc)) from exc
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aptserve", description="One-step text-to-video: generate, serve, bench.")
     parser.add_argument("-v", "--verbose", action="store_true")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
+    add_serve_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,108 @@
+"""Wire schemas: the OpenAI-Videos-shaped REST objects, WebSocket messages, and the error envelope."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class VideoCreateParams(BaseModel):
+    """Body of POST /v1/videos (JSON or multipart form) and of the sync and WebSocket requests."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    model: str | None = None
+    seconds: float | None = Field(None, description="clip length; sent as a string by the OpenAI SDK")
+    size: str | None = Field(None, description="WIDTHxHEIGHT, multiples of 16")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    steps: Literal[1, 2] | None = None
+    fps: int | None = Field(None, ge=1, le=60)
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+
+class SyncVideoParams(VideoCreateParams):
+    stream: bool = False
+
+
+class VideoError(BaseModel):
+    code: str
+    message: str
+
+
+class Video(BaseModel):
+    id: str
+    object: Literal["video"] = "video"
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int
+    created_at: int
+    completed_at: int | None = None
+    expires_at: int | None = None
+    model: str
+    prompt: str | None = None
+    seconds: str
+    size: str
+    seed: int
+    steps: int
+    fps: int
+    error: VideoError | None = None
+    remixed_from_video_id: str | None = None
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "aptserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class WsGenerate(VideoCreateParams):
+    type: Literal["generate"]
+
+
+class WsCancel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["cancel"]
+    id: str | None = None
+
+
+def ws_event(kind: str, **fields: Any) -> dict[str, Any]:
+    """A server -> client WebSocket JSON event; binary fMP4 messages always follow an `init` or `chunk` event."""
+    return {"type": kind, **fields}

@@ -1,0 +1,1 @@
+"""One router per resource: videos (REST jobs), streaming (sync HTTP and WebSocket), system (health, metrics, demo)."""

@@ -25,7 +25,7 @@ class LiveServer:
 
     def __init__(self, app):
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="websockets"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, ready: bool = True) -> LiveServer:
@@ -79,3 +79,45 @@ def live_server_factory(tmp_path) -> Iterator:
 @pytest.fixture
 def live_server(live_server_factory) -> LiveServer:
     return live_server_factory()
+
+
+class GenerationGate:
+    """Instruments the engine's pipeline: records each chunk it produces, and can hold it before chunk `hold_at`
+    until the test calls `release()`; this makes event-order assertions deterministic without timing."""
+
+    def __init__(self, services, hold_at: int | None = None, timeout: float = 60.0):
+        self.pipeline = services.worker.pipeline
+        self.original = self.pipeline.generate
+        self.hold_at, self.timeout = hold_at, timeout
+        self.events: list[str] = []
+        self.lock = threading.Lock()
+        self.released = threading.Event()
+        self.holding = threading.Event()
+
+    def record(self, event: str) -> None:
+        with self.lock:
+            self.events.append(event)
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __enter__(self) -> GenerationGate:
+        def generate(request, cancelled=lambda: False):
+            for chunk in self.original(request, cancelled):
+                if self.hold_at is not None and chunk.index == self.hold_at and not self.released.is_set():
+                    self.holding.set()
+                    released = self.released.wait(self.timeout)
+                    self.record("released" if released else "hold timed out")
+                self.record(f"generated {chunk.index}/{chunk.num_chunks} batch {chunk.frames.shape[0]}")
+                yield chunk
+
+        self.pipeline.generate = generate
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.released.set()
+        self.pipeline.generate = self.original
+
+
+def services_of(server: LiveServer):
+    return server.app.state.services

@@ -76,12 +76,11 @@ def test_demo_page_streams_and_plays_a_clip(live_server, page, tmp_path):
     # The whole clip is appended; let it play to its end, then every frame must have gone through the decoder.
     page.wait_for_function("() => document.getElementById('player').ended", timeout=TIMEOUT_MS)
     playback = page.evaluate(PLAYBACK)
-    print("playback:", playback)
-    assert playback["mediaError"] is None
+    assert playback["mediaError"] is None, playback
     assert playback["videoWidth"] == 64
     assert playback["played"] > 0 and playback["currentTime"] > 1.5
     assert playback["buffered"] == pytest.approx(frames / 24, abs=0.1)
-    assert playback["totalVideoFrames"] == frames
+    assert playback["totalVideoFrames"] == frames, playback
     assert page.text_content("#stat-chunks") == "13 / 13"
     assert page.text_content("#stat-first-chunk").endswith("s")
     assert page.get_attribute("#message", "class") != "error"
@@ -110,3 +109,12 @@ def test_demo_page_reconnects_and_shows_request_errors(live_server, page):
     assert page.get_attribute("#message", "class") == "error"
     assert page.text_content("#message").startswith("Error 400:")
     assert page.is_enabled("#generate") and not page.is_enabled("#cancel")
+
+
+def test_demo_page_explains_a_missing_api_key(live_server_factory, page):
+    server = live_server_factory(api_keys=["sekrit"])
+    page.goto(server.url + "/")
+    page.wait_for_function("() => document.getElementById('connection').textContent === 'invalid API key'")
+    assert "api_key=" in page.text_content("#message")
+    page.goto(server.url + "/?api_key=sekrit")
+    page.wait_for_function("() => window.aptserve.state.connected", timeout=TIMEOUT_MS)

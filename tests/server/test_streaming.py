@@ -190,3 +190,13 @@ def test_websocket_cancel_message(live_server):
 def test_stream_rejects_bad_input_before_streaming(live_server):
     response = httpx.post(live_server.url + "/v1/videos/sync", json={"prompt": "", "stream": True})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_deadline_fails_the_job_with_a_reason(live_server_factory):
+    server = live_server_factory(request_timeout_s=0.001)
+    job = httpx.post(server.url + "/v1/videos", json={"prompt": PROMPT}).json()
+    wait_for(lambda: httpx.get(f"{server.url}/v1/videos/{job['id']}").json()["status"] == "failed")
+    failed = httpx.get(f"{server.url}/v1/videos/{job['id']}").json()
+    assert failed["error"]["code"] == "deadline_exceeded"
+    assert metric(server, "aptserve_cancelled_total", reason="deadline") == 1
+    assert httpx.post(server.url + "/v1/videos/sync", json={"prompt": PROMPT}).status_code == 504

@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ATTENTION_IMPLS = ("auto", "sdpa", "reference")
+from kernels.triton_attention import INTERPRETED, triton_attention, triton_attention_fp8, unsupported_reason
+
+ATTENTION_IMPLS = ("auto", "sdpa", "reference", "triton", "triton_fp8")
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
@@ -42,10 +44,21 @@ def sdpa_attention(
 
 
 def choose_attention_impl(impl: str, q: torch.Tensor) -> str:
-    """Resolve `impl` ("auto" included) to a concrete implementation for this device and dtype."""
+    """Resolve `impl` ("auto" included) to a concrete implementation for this device and dtype.
+
+    "auto" takes the Triton kernel on CUDA when it supports q, else SDPA; it never picks FP8, which changes numerics.
+    An explicit "triton"/"triton_fp8" that cannot run raises ValueError saying why (CPU needs TRITON_INTERPRET=1).
+    """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; choose one of {ATTENTION_IMPLS}")
-    return "sdpa" if impl == "auto" else impl
+    if impl == "auto":
+        compiled_triton = q.is_cuda and not INTERPRETED and unsupported_reason(q) is None
+        return "triton" if compiled_triton else "sdpa"
+    if impl in ("triton", "triton_fp8"):
+        reason = unsupported_reason(q, fp8=impl == "triton_fp8")
+        if reason is not None:
+            raise ValueError(f"attention impl {impl!r} cannot run here: {reason}")
+    return impl
 
 
 def attention(
@@ -57,6 +70,11 @@ def attention(
 ) -> torch.Tensor:
     """Attention over (B, H, N, D) tensors with an optional key padding mask; returns (B, H, Nq, D)."""
     _check_inputs(q, k, v, key_padding_mask)
-    if choose_attention_impl(impl, q) == "reference":
+    impl = choose_attention_impl(impl, q)
+    if impl == "reference":
         return reference_attention(q, k, v, key_padding_mask)
+    if impl == "triton":
+        return triton_attention(q, k, v, key_padding_mask)
+    if impl == "triton_fp8":
+        return triton_attention_fp8(q, k, v, key_padding_mask)
     return sdpa_attention(q, k, v, key_padding_mask)

@@ -4,11 +4,9 @@ q, k, v are (B, H, N, D) with D in (64, 128) and any Nq, Nk; `key_padding_mask` 
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1), which is how the tests exercise them.
 """
 
-# Postponed annotations keep `tl.constexpr` unevaluated, so this module imports without triton installed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 
@@ -25,6 +23,10 @@ except ImportError:
     triton = tl = None
     HAS_TRITON = False
 
+# Without triton the kernel stays a plain function (never called: unsupported_reason says why); postponed annotations
+# keep its `tl.constexpr` hints from being evaluated.
+_jit = triton.jit if HAS_TRITON else (lambda fn: fn)
+
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 FP8_BLOCK = 128  # tokens per FP8 scale; every BLOCK_N below divides it, so one V scale covers a whole K/V tile
@@ -35,28 +37,33 @@ _LOG2E = 1.4426950408889634
 # Capability checks
 
 
-def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+def _interpret_requested() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+# triton.jit picks compiled vs interpreted when it decorates, and triton decorates its own tl.max/tl.sum when it is
+# imported, so TRITON_INTERPRET must be set before `import triton`; setting it later has no effect on this process.
+INTERPRETED = HAS_TRITON and _interpret_requested()
+
+
 def unsupported_reason(q: torch.Tensor, fp8: bool = False) -> str | None:
     """Why the Triton kernel cannot run on tensors like `q`, or None if it can."""
     if not HAS_TRITON:
         return "triton is not installed"
-    if q.device.type == "cpu" and not interpreter_enabled():
-        return "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1)"
-    if q.device.type not in ("cpu", "cuda"):
-        return f"device {q.device} is not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
     if q.dtype not in DTYPES:
         return f"dtype {q.dtype} is not supported (float16 or bfloat16)"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not supported (one of {HEAD_DIMS})"
-    if q.device.type == "cuda" and not interpreter_enabled():
-        capability = torch.cuda.get_device_capability(q.device)
+    if q.device.type == "cpu" and not INTERPRETED:
+        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"device {q.device} is not supported (CUDA, or CPU with TRITON_INTERPRET=1)"
+    if q.device.type == "cuda" and not INTERPRETED:
+        props = torch.cuda.get_device_properties(q.device)  # torch.compile constant-folds this call
+        capability = (props.major, props.minor)
         if q.dtype == torch.bfloat16 and capability < (8, 0):
             return f"bfloat16 needs compute capability >= 8.0; this GPU has {capability}"
         if fp8 and capability < (8, 9):
@@ -66,12 +73,9 @@ def unsupported_reason(q: torch.Tensor, fp8: bool = False) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Kernel
-#
-# Left undecorated on purpose: triton.jit decides at decoration time between compiling and interpreting (from
-# TRITON_INTERPRET), so `_kernel` below decorates it at launch time instead, once per mode. That is why it is one
-# function with no @triton.jit helpers: a helper would be decorated only once, in whichever mode came first.
 
 
+@_jit
 def _attn_fwd_kernel(
     Q, K, V, Out, MASK, Q_SCALE, K_SCALE, V_SCALE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -81,12 +85,13 @@ def _attn_fwd_kernel(
     stride_mb, H, N_Q, N_K, N_SCALES_Q, N_SCALES_K, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, IS_FP8: tl.constexpr, FP8_BLOCK: tl.constexpr, P_SCALE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_M queries of one (batch, head) against all keys, online softmax in base 2, fp32 state.
     # IS_FP8: Q/K/V hold e4m3 with per-(b, h, FP8_BLOCK tokens) scales; P is quantised with the fixed P_SCALE.
-    # DOT_FP32: the interpreter's low-precision tl.dot is wrong, so it dots fp32 copies (exact for fp8 values,
-    # the scales are applied after the dot either way); GPUs use native fp16/bf16/fp8 tensor-core dots.
+    # INTERPRETER (CPU only) works around two interpreter bugs: its low-precision tl.dot is wrong, so it dots fp32
+    # copies (exact for fp8 values, the scales are applied after the dot either way), and its fp8 down-cast
+    # truncates, so P is first rounded to nearest as GPUs do. GPUs use native fp16/bf16/fp8 tensor-core dots.
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // H
@@ -99,7 +104,7 @@ def _attn_fwd_kernel(
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     q = tl.load(q_ptrs, mask=offs_m[:, None] < N_Q, other=0.0)  # (BLOCK_M, HEAD_DIM)
-    if DOT_FP32:
+    if INTERPRETER:
         q = q.to(tl.float32)
     if IS_FP8:
         q_scale = tl.load(Q_SCALE + off_bh * N_SCALES_Q + offs_m // FP8_BLOCK, mask=offs_m < N_Q, other=0.0)
@@ -114,7 +119,7 @@ def _attn_fwd_kernel(
         valid = keys < N_K
         kt = tl.load(kt_ptrs + start_n * stride_kn, mask=valid[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=valid[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
-        if DOT_FP32:
+        if INTERPRETER:
             kt = kt.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, kt)  # (BLOCK_M, BLOCK_N) fp32
@@ -134,14 +139,18 @@ def _attn_fwd_kernel(
         acc = acc * alpha[:, None]
         m_i = m_new
         if IS_FP8:
-            p = (p * P_SCALE).to(V.dtype.element_ty)
-            if DOT_FP32:
+            p = p * P_SCALE
+            if INTERPRETER:  # round to e4m3's 3 mantissa bits (normals, then subnormals at 2^-9) so the cast is exact
+                ulp = tl.math.exp2(tl.math.floor(tl.math.log2(tl.maximum(p, 0.015625))) - 3.0)
+                p = tl.math.floor(p / ulp + 0.5) * ulp
+            p = p.to(V.dtype.element_ty)
+            if INTERPRETER:
                 p = p.to(tl.float32)
             v_scale = tl.load(V_SCALE + off_bh * N_SCALES_K + start_n // FP8_BLOCK)
             acc += tl.dot(p, v) * (v_scale / P_SCALE)
         else:
             p = p.to(V.dtype.element_ty)  # rounds P like the GPU path does, also in the interpreter
-            if DOT_FP32:
+            if INTERPRETER:
                 p = p.to(tl.float32)
             acc = tl.dot(p, v, acc)
 
@@ -168,13 +177,12 @@ def _hopper_configs() -> list:
 # Autotuning under the interpreter would run every config on the CPU; one small config tiles the test shapes enough.
 _INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
 
-
-@functools.cache
-def _kernel(interpret: bool):
-    kernel = triton.jit(_attn_fwd_kernel)  # compiled or interpreted, per TRITON_INTERPRET right now (== interpret)
-    if interpret:
-        return kernel
-    return triton.autotune(configs=_hopper_configs(), key=["N_Q", "N_K", "HEAD_DIM", "HAS_MASK", "IS_FP8"])(kernel)
+if HAS_TRITON and not INTERPRETED:
+    _attn_fwd = triton.autotune(configs=_hopper_configs(), key=["N_Q", "N_K", "HEAD_DIM", "HAS_MASK", "IS_FP8"])(
+        _attn_fwd_kernel
+    )
+else:
+    _attn_fwd = _attn_fwd_kernel
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -188,10 +196,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         )
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must share dtype and device; got {q.dtype, k.dtype, v.dtype}")
-    if mask is not None and (mask.shape != (k.shape[0], k.shape[2]) or mask.dtype != torch.bool):
-        raise ValueError(f"key_padding_mask must be bool (B, Nk) = {(k.shape[0], k.shape[2])}; got {mask.dtype} {tuple(mask.shape)}")  # fmt: skip
-    if mask is not None and mask.device != q.device:
-        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {q.device}")
+    expected_mask = (k.shape[0], k.shape[2])
+    if mask is not None and (mask.shape != expected_mask or mask.dtype != torch.bool or mask.device != q.device):
+        raise ValueError(
+            f"key_padding_mask must be bool {expected_mask} on {q.device}; got {mask.dtype} {tuple(mask.shape)} "
+            f"on {mask.device}"
+        )
     reason = unsupported_reason(q, fp8=fp8)
     if reason is not None:
         raise ValueError(f"triton attention cannot run: {reason}")
@@ -201,7 +211,6 @@ def _launch(q, k, v, mask, out, scales=None) -> None:
     """Run the kernel into `out`; `scales` = (q_scale, k_scale, v_scale) selects the FP8 path."""
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
-    interpret = interpreter_enabled()
     mask_u8 = None if mask is None else mask.contiguous().view(torch.uint8)  # bool -> u8, same bytes
     q_s, k_s, v_s = (q, q, q) if scales is None else (s.contiguous() for s in scales)  # unused pointers: any tensor
     # Scales are in log2 units so the kernel can use exp2.
@@ -218,16 +227,16 @@ def _launch(q, k, v, mask, out, scales=None) -> None:
         "IS_FP8": scales is not None,
         "FP8_BLOCK": FP8_BLOCK,
         "P_SCALE": E4M3_MAX,
-        "DOT_FP32": interpret,
+        "INTERPRETER": INTERPRETED,
     }
 
     def grid(config):
         return (triton.cdiv(N_Q, config["BLOCK_M"]), B * H)
 
-    if interpret:
+    if INTERPRETED:
         meta |= _INTERPRETER_CONFIG
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _kernel(interpret)[grid](*args, **meta)
+        _attn_fwd[grid](*args, **meta)
 
 
 def _with_unit_stride_d(x: torch.Tensor) -> torch.Tensor:
@@ -274,7 +283,10 @@ def _(q, k, v, key_padding_mask):
 def triton_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Flash-attention forward (fp16/bf16, head dim 64 or 128): softmax(q k^T / sqrt(D)) v over real keys."""
+    """Flash-attention forward (fp16/bf16, head dim 64 or 128): softmax(q k^T / sqrt(D)) v over real keys.
+
+    Query rows with no real key at all come out as zeros (the references give NaN there). Forward only: no autograd.
+    """
     return torch.ops.aptserve.flash_attention(q, k, v, key_padding_mask)
 
 

@@ -69,11 +69,11 @@ def _stopped_error(exc: GenerationStopped) -> APIError:
 async def stream_socket(websocket: WebSocket) -> None:
     """Several generations per connection: JSON events, each fMP4 piece as a binary message after its event."""
     services: Services = websocket.app.state.services
+    await websocket.accept()  # closing before accept would reach browsers as a bare 1006 without our code
     if not websocket_key_is_valid(websocket):
         services.metrics.error("auth")
         await websocket.close(code=4401, reason="invalid api key")
         return
-    await websocket.accept()
     services.metrics.requests.labels(STREAM_ROUTE, "101").inc()
     session = StreamSession(websocket, services)
     try:

@@ -200,3 +200,22 @@ def test_deadline_fails_the_job_with_a_reason(live_server_factory):
     assert failed["error"]["code"] == "deadline_exceeded"
     assert metric(server, "aptserve_cancelled_total", reason="deadline") == 1
     assert httpx.post(server.url + "/v1/videos/sync", json={"prompt": PROMPT}).status_code == 504
+
+
+def test_websocket_needs_the_key_when_keys_are_set(live_server_factory):
+    server = live_server_factory(api_keys="sekrit")
+    url = server.url.replace("http", "ws") + "/v1/videos/stream"
+
+    async def close_code(query: str) -> int:
+        async with websockets.connect(url + query) as ws:
+            try:
+                await ws.send(json.dumps({"type": "generate", "prompt": PROMPT, "seconds": 0.5}))
+                while True:
+                    message = await ws.recv()
+                    if isinstance(message, str) and json.loads(message)["type"] == "done":
+                        return 1000
+            except websockets.ConnectionClosed as exc:
+                return exc.rcvd.code
+
+    assert asyncio.run(close_code("")) == 4401
+    assert asyncio.run(close_code("?api_key=sekrit")) == 1000

@@ -46,8 +46,12 @@ def has_fragment(data: bytes) -> bool:
 def test_http_stream_sends_first_fragment_before_last_chunk_is_generated(live_server):
     with GenerationGate(services_of(live_server), hold_at=12) as gate:
         body = bytearray()
-        with httpx.stream("POST", live_server.url + "/v1/videos/sync",
-                          json={"prompt": PROMPT, "seconds": 2, "stream": True}, timeout=60) as response:
+        with httpx.stream(
+            "POST",
+            live_server.url + "/v1/videos/sync",
+            json={"prompt": PROMPT, "seconds": 2, "stream": True},
+            timeout=60,
+        ) as response:
             assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
             for data in response.iter_bytes():
                 body += data
@@ -60,8 +64,11 @@ def test_http_stream_sends_first_fragment_before_last_chunk_is_generated(live_se
 
 
 def test_sync_whole_mp4(live_server):
-    response = httpx.post(live_server.url + "/v1/videos/sync", json={"prompt": PROMPT, "seconds": 1, "size": "96x64",
-                                                                    "seed": 5}, timeout=60)
+    response = httpx.post(
+        live_server.url + "/v1/videos/sync",
+        json={"prompt": PROMPT, "seconds": 1, "size": "96x64", "seed": 5},
+        timeout=60,
+    )
     assert response.status_code == 200 and response.headers["x-video-seed"] == "5"
     assert decode(response.content) == (25, 96, 64, 24)
 
@@ -141,15 +148,22 @@ def test_same_shape_requests_are_batched_and_full_queue_gets_429(live_server_fac
         for job in [blocker, *queued]:
             wait_for(lambda job=job: httpx.get(f"{url}/{job['id']}").json()["status"] == "completed")
     assert "generated 0/4 batch 3" in gate.events  # the three queued same-shape requests ran as one batch
-    assert metric(server, "aptserve_batch_size_bucket", le="3.0") - metric(server, "aptserve_batch_size_bucket", le="2.0") == 3
+    assert (
+        metric(server, "aptserve_batch_size_bucket", le="3.0") - metric(server, "aptserve_batch_size_bucket", le="2.0")
+        == 3
+    )
     assert metric(server, "aptserve_errors_total", kind="queue_full") == 1
 
 
 def test_client_disconnect_cancels_generation(live_server):
     with GenerationGate(services_of(live_server), hold_at=3) as gate:
         body = bytearray()
-        with httpx.stream("POST", live_server.url + "/v1/videos/sync",
-                          json={"prompt": PROMPT, "seconds": 2, "stream": True}, timeout=60) as response:
+        with httpx.stream(
+            "POST",
+            live_server.url + "/v1/videos/sync",
+            json={"prompt": PROMPT, "seconds": 2, "stream": True},
+            timeout=60,
+        ) as response:
             for data in response.iter_bytes():
                 body += data
                 if has_fragment(body):

@@ -1,0 +1,33 @@
+import argparse
+
+import pytest
+from pydantic import ValidationError
+
+from server.cli import build_parser
+from server.settings import Settings, add_settings_arguments, settings_from_args
+
+
+def test_every_setting_is_an_env_var_and_a_flag(monkeypatch, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser)
+    flags = {a.dest for a in parser._actions}
+    assert set(Settings.model_fields) <= flags
+
+    monkeypatch.setenv("APTSERVE_MAX_QUEUE", "7")
+    monkeypatch.setenv("APTSERVE_API_KEYS", "a, b")
+    args = parser.parse_args(["--port", "9001", "--no-warmup", "--data-dir", str(tmp_path)])
+    settings = settings_from_args(args)
+    assert (settings.port, settings.warmup, settings.data_dir) == (9001, False, tmp_path)
+    assert (settings.max_queue, settings.api_keys) == (7, ["a", "b"])  # env fills what flags leave unset
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValidationError):
+        Settings(max_queue=0)
+    with pytest.raises(ValidationError):
+        Settings(no_such_setting=1)
+
+
+def test_serve_subcommand_exposes_the_flags():
+    args = build_parser().parse_args(["serve", "--max-batch-size", "8", "--model", "tiny"])
+    assert settings_from_args(args).max_batch_size == 8

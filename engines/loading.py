@@ -127,24 +127,39 @@ def _preview(items: list[str], limit: int = 8) -> str:
     return f"[{shown}{f', ... {len(items) - limit} more' if len(items) > limit else ''}] ({len(items)})"
 
 
+def load_components(
+    path: str | os.PathLike,
+    components: tuple[str, ...] = COMPONENTS,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[ModelConfig, dict[str, nn.Module]]:
+    """Some components of a checkpoint (training stages save only what they trained, e.g. the VAE)."""
+    folder = Path(path)
+    config = read_config(folder)
+    tensors = read_tensors(folder)
+    prefixes = {key.split(".", 1)[0] for key in tensors}
+    stray = sorted(prefixes - set(COMPONENTS))
+    if stray:
+        raise CheckpointError(f"checkpoint {folder}: unexpected components {stray}; expected {list(COMPONENTS)}")
+    absent = [name for name in components if name not in prefixes]
+    if absent:
+        raise CheckpointError(f"checkpoint {folder} has no weights for {absent} (it holds {sorted(prefixes)})")
+    modules = {name: module for name, module in build_modules(config, "meta").items() if name in components}
+    for name, module in modules.items():
+        own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        assign_weights(module, own, f"checkpoint {folder} ({name})", dtype)
+        module.to(device).eval()
+    return config, modules
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LoadedModel:
-    folder = Path(path)
-    config = read_config(folder)
-    tensors = read_tensors(folder)
-    modules = build_modules(config, "meta")
-    prefixes = {key.split(".", 1)[0] for key in tensors}
-    stray = sorted(prefixes - set(COMPONENTS))
-    if stray:
-        raise CheckpointError(f"checkpoint {folder}: unexpected components {stray}; expected {list(COMPONENTS)}")
-    for name, module in modules.items():
-        own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        assign_weights(module, own, f"checkpoint {folder} ({name})", dtype)
-        module.to(device).eval()
-    return LoadedModel(config, modules["dit"], modules["vae"], str(folder))
+    """A whole model (generator and VAE) for inference."""
+    config, modules = load_components(path, COMPONENTS, device, dtype)
+    return LoadedModel(config, modules["dit"], modules["vae"], str(Path(path)))
 
 
 def resolve_model(spec: str) -> str | Path:

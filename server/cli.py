@@ -94,12 +94,46 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_STAGES = {"vae": ("training.stage_vae", "VAEStageConfig", "train_vae")}
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="run one stage of the APT recipe (resumes from its run folder)")
+    p.add_argument("stage", choices=sorted(TRAIN_STAGES))
+    p.add_argument("--config", type=Path, default=None, help="JSON stage config (see training/configs/)")
+    p.add_argument("--steps", type=int, default=None, help="override the config's step count")
+    p.add_argument("--out", default=None, help="run folder (state.pt, losses.csv); rerunning resumes")
+    p.add_argument("--export", default=None, help="checkpoint folder written at the end")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import importlib
+
+    import torch
+
+    from training.common import load_stage_config
+
+    module_name, config_name, entry = TRAIN_STAGES[args.stage]
+    module = importlib.import_module(module_name)
+    overrides = {"steps": args.steps, "out": args.out, "export": args.export}
+    cfg = load_stage_config(getattr(module, config_name), args.config, overrides)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = getattr(module, entry)(cfg, progress=not args.no_progress)
+    log.info("%s stage done: %s", args.stage, result)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aptserve", description="One-step text-to-video: generate, serve, bench.")
     parser.add_argument("-v", "--verbose", action="store_true")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_generate_parser(subparsers)
     add_serve_parser(subparsers)
+    add_train_parser(subparsers)
     return parser
 
 

@@ -94,7 +94,12 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_STAGES = {"vae": ("training.stage_vae", "VAEStageConfig", "train_vae")}
+TRAIN_STAGES = {
+    "vae": ("training.stage_vae", "VAEStageConfig", "train_vae"),
+    "diffusion": ("training.stage_diffusion", "DiffusionStageConfig", "train_diffusion"),
+    "distill": ("training.stage_distill", "DistillStageConfig", "train_distill"),
+    "apt": ("training.stage_apt", "APTStageConfig", "train_apt"),
+}
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:

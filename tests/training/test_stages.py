@@ -1,0 +1,151 @@
+"""Smoke runs of the training stages at toy sizes, resume, and the CLI surviving a kill."""
+
+import csv
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines.config import MODEL_PRESETS
+from engines.loading import load_checkpoint, load_components, save_checkpoint
+from engines.pipeline import Pipeline
+from engines.text import CachedTextEncoder
+from engines.vae import CausalVAE
+from training.common import EMA, load_stage_config
+from training.data import ShapesDataset, held_out_combinations, is_held_out, shapes_sample
+from training.stage_diffusion import DiffusionStageConfig, train_diffusion
+from training.stage_distill import DistillStageConfig, train_distill
+from training.stage_vae import VAEStageConfig, train_vae
+
+TOY = {"frames": 5, "height": 32, "width": 32}
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path / "losses.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_shapes_data_is_deterministic_by_seed_and_splits_held_out():
+    a, spec_a = shapes_sample(3, 7)
+    b, spec_b = shapes_sample(3, 7)
+    c, _ = shapes_sample(4, 7)
+    assert spec_a == spec_b and (a == b).all() and not (a == c).all()
+    assert a.shape == (49, 64, 64, 3) and a.dtype.name == "uint8"
+    video, caption = next(iter(ShapesDataset(seed=1, **TOY)))
+    assert video.shape == (3, 5, 32, 32) and -1 <= video.min() and video.max() <= 1
+    assert not is_held_out(shapes_sample(0, 1)[1].combination)
+    assert is_held_out(shapes_sample(0, 1, held_out=True)[1].combination)
+    assert len(held_out_combinations()) >= 256
+    stream = iter(ShapesDataset(seed=2, start=5, **TOY))
+    assert next(stream)[1] == shapes_sample(2, 5, **TOY)[1].caption  # a resumed stream continues in place
+
+
+def test_ema_update_math():
+    module = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    ema = EMA(module, decay=0.9)
+    with torch.no_grad():
+        module.weight.fill_(3.0)
+    ema.update(module)
+    assert torch.allclose(ema.shadow["weight"], torch.full((1, 2), 0.9 * 1.0 + 0.1 * 3.0))
+
+
+def test_stage_config_rejects_unknown_keys(tmp_path):
+    (tmp_path / "c.json").write_text('{"steps": 3, "stepz": 4}')
+    with pytest.raises(ValueError, match="stepz"):
+        load_stage_config(VAEStageConfig, tmp_path / "c.json")
+
+
+def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
+    vae_cfg = VAEStageConfig(
+        out=str(tmp_path / "vae"),
+        export=str(tmp_path / "vae-ckpt"),
+        steps=2,
+        batch_size=2,
+        crop=16,
+        stats_clips=2,
+        log_every=1,
+        **TOY,
+    )
+    train_vae(vae_cfg, progress=False)
+    config, modules = load_components(tmp_path / "vae-ckpt", ("vae",))
+    assert config.vae.latent_std > 0 and len(rows(tmp_path / "vae")) == 2
+
+    common = {"latents": str(tmp_path / "latents.pt"), "log_every": 1, "checkpoint_every": 1}
+    diffusion = DiffusionStageConfig(
+        out=str(tmp_path / "teacher"),
+        export=str(tmp_path / "teacher-ckpt"),
+        vae=str(tmp_path / "vae-ckpt"),
+        latent_clips=4,
+        batch_size=2,
+        steps=2,
+        **common,
+        **TOY,
+    )
+    train_diffusion(dataclasses.replace(diffusion, steps=1), progress=False)  # stops early: state saved
+    train_diffusion(diffusion, progress=False)  # resumes at step 1
+    assert [int(r["step"]) for r in rows(tmp_path / "teacher")] == [1, 2]
+    teacher = load_checkpoint(tmp_path / "teacher-ckpt")
+    assert teacher.config.default_steps == 25
+
+    distill = DistillStageConfig(
+        out=str(tmp_path / "cd"),
+        export=str(tmp_path / "cd-ckpt"),
+        teacher=str(tmp_path / "teacher-ckpt"),
+        steps=2,
+        batch_size=2,
+        num_timesteps=4,
+        **common,
+    )
+    train_distill(distill, progress=False)
+    student = load_checkpoint(tmp_path / "cd-ckpt")
+    assert student.config.default_steps == 1 and student.config.guidance_scale == 1.0
+
+
+def test_exported_student_generates(tmp_path, minilm):
+    config = dataclasses.replace(MODEL_PRESETS["tiny"], name="toy")
+    vae = CausalVAE(config.vae)
+    vae.init_weights()
+    from engines.dit import MMDiT
+
+    dit = MMDiT(config.dit)
+    dit.init_weights()
+    save_checkpoint(tmp_path / "toy", config, {"dit": dit, "vae": vae})
+    pipeline = Pipeline(load_checkpoint(tmp_path / "toy"), CachedTextEncoder(minilm))
+    video, _ = pipeline.generate_video(pipeline.request("a red circle", 0, "32x32", 0.2))
+    assert video.shape == (1, 5, 32, 32, 3)
+
+
+def test_cli_resumes_after_being_killed(tmp_path):
+    config = tmp_path / "vae.json"
+    config.write_text(
+        '{"steps": 400, "batch_size": 1, "frames": 5, "height": 32, "width": 32, "crop": 16, "stats_clips": 1,'
+        ' "checkpoint_every": 3, "log_every": 3}'
+    )
+    out, exe = tmp_path / "run", Path(sys.executable).parent / "aptserve"
+    cmd = [str(exe), "train", "vae", "--config", str(config), "--out", str(out), "--export", str(tmp_path / "ckpt")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "state.pt").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to save: the last periodic checkpoint must do
+    _, stderr = proc.communicate()
+    assert "train vae" in stderr  # the progress bar
+    saved = torch.load(out / "state.pt", weights_only=False)["step"]
+    assert saved >= 3 and saved < 400
+    result = subprocess.run(
+        [*cmd, "--steps", str(saved + 3), "--no-progress"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"resumed {out} at step {saved}" in result.stderr
+    assert [int(r["step"]) for r in rows(out)][-1] == saved + 3
+    assert (tmp_path / "ckpt" / "config.json").exists()

@@ -1,0 +1,143 @@
+"""Stage 1: the flow-matching teacher. A text-conditioned MMDiT trained on precomputed VAE latents with
+classifier-free-guidance dropout; its EMA weights are exported with the VAE as a many-step sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from engines.config import ModelConfig
+from engines.dit import DIT_PRESETS, MMDiT
+from engines.loading import load_components, load_text_encoder, save_checkpoint
+from engines.sampling import add_noise, shift
+from training.common import EMA, RunDir, Trainer, seed_everything
+from training.latents import LatentSet, precompute
+
+log = logging.getLogger("aptserve.training.diffusion")
+
+
+@dataclass(frozen=True)
+class DiffusionStageConfig:
+    out: str = "runs/teacher-tiny"
+    export: str = "models/shapes-teacher-tiny"
+    vae: str = "models/shapes-vae-tiny"  # checkpoint folder holding the trained VAE
+    latents: str = "runs/latents-tiny.pt"  # created from `vae` on first use
+    latent_clips: int = 6000
+    latent_seed: int = 0
+    frames: int = 49
+    height: int = 64
+    width: int = 64
+    dit: str = "tiny"  # generator preset
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    cfg_dropout: float = 0.1
+    t_logit_mean: float = 0.0  # t = shift(sigmoid(N(mean, std)), t_shift): SD3's logit-normal, shifted to noise
+    t_logit_std: float = 1.0
+    t_shift: float = 1.0
+    guidance_scale: float = 5.0  # written into the exported config for many-step sampling
+    sample_steps: int = 25
+    sample_shift: float = 3.0
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 25
+
+
+def ensure_latents(
+    path: str, vae_folder: str, clips: int, seed: int, frames: int, height: int, width: int, progress: bool = True
+) -> LatentSet:
+    """Load the precomputed latents, encoding them with the trained VAE first if they do not exist yet."""
+    if Path(path).exists():
+        return LatentSet.load(path)
+    config, modules = load_components(vae_folder, ("vae",))
+    encoder = load_text_encoder(config.text)
+    latents = precompute(modules["vae"], encoder, clips, seed, frames, height, width, progress=progress)
+    latents.save(path)
+    return latents
+
+
+def sample_timesteps(n: int, cfg: DiffusionStageConfig) -> torch.Tensor:
+    logits = torch.randn(n) * cfg.t_logit_std + cfg.t_logit_mean
+    return shift(torch.sigmoid(logits), cfg.t_shift)
+
+
+def drop_text(text: torch.Tensor, mask: torch.Tensor, latents: LatentSet, p: float) -> tuple[torch.Tensor, ...]:
+    """Replace a fraction p of the prompts by the empty prompt, so the model also learns the unconditional field."""
+    drop = torch.rand(text.shape[0]) < p
+    empty_text, empty_mask = latents.empty_text(text.shape[0])
+    return torch.where(drop[:, None, None], empty_text, text), torch.where(drop[:, None], empty_mask, mask)
+
+
+def flow_matching_loss(model: MMDiT, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, t: torch.Tensor):
+    eps = torch.randn_like(x0)
+    v = model(add_noise(x0, eps, t), t, text, mask)
+    return F.mse_loss(v, eps - x0)
+
+
+def lr_at(step: int, cfg: DiffusionStageConfig) -> float:
+    """Linear warm-up, then constant."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig) -> Path:
+    vae_config, modules = load_components(cfg.vae, ("vae",))
+    ema.copy_to(model)
+    config: ModelConfig = dataclasses.replace(
+        vae_config,
+        name=Path(cfg.export).name,
+        dit=model.config,
+        default_steps=cfg.sample_steps,
+        guidance_scale=cfg.guidance_scale,
+        sample_shift=cfg.sample_shift,
+        default_size=(cfg.width, cfg.height),
+    )
+    return save_checkpoint(cfg.export, config, {"dit": model, "vae": modules["vae"]})
+
+
+def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
+    seed_everything(cfg.seed)
+    latents = ensure_latents(
+        cfg.latents, cfg.vae, cfg.latent_clips, cfg.latent_seed, cfg.frames, cfg.height, cfg.width, progress
+    )
+    model = MMDiT(DIT_PRESETS[cfg.dit])
+    model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    ema = EMA(model, cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    run = RunDir(cfg.out)
+
+    def get_state():
+        return {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()}
+
+    def set_state(state):
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+
+    trainer = Trainer(
+        run, cfg.steps, get_state, set_state, cfg.checkpoint_every, cfg.log_every, progress, "train diffusion"
+    )
+    trainer.resume()
+
+    def step(i: int) -> dict[str, float]:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(i, cfg)
+        x0, text, mask = latents.batch(torch.randint(len(latents), (cfg.batch_size,)))
+        text, mask = drop_text(text, mask, latents, cfg.cfg_dropout)
+        loss = flow_matching_loss(model, x0, text, mask, sample_timesteps(cfg.batch_size, cfg))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+        return {"loss": loss.item()}
+
+    if trainer.fit(step) < cfg.steps:
+        log.info("stopped at step %d; run the same command again to resume", trainer.step)
+        return run.path
+    return export_teacher(model, ema, cfg)

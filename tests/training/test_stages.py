@@ -37,8 +37,8 @@ def test_shapes_data_is_deterministic_by_seed_and_splits_held_out():
     c, _ = shapes_sample(4, 7)
     assert spec_a == spec_b and (a == b).all() and not (a == c).all()
     assert a.shape == (49, 64, 64, 3) and a.dtype.name == "uint8"
-    video, caption = next(iter(ShapesDataset(seed=1, **TOY)))
-    assert video.shape == (3, 5, 32, 32) and -1 <= video.min() and video.max() <= 1
+    video, _ = next(iter(ShapesDataset(seed=1, **TOY)))
+    assert video.shape == (3, 5, 32, 32) and video.min() >= -1 and video.max() <= 1
     assert not is_held_out(shapes_sample(0, 1)[1].combination)
     assert is_held_out(shapes_sample(0, 1, held_out=True)[1].combination)
     assert len(held_out_combinations()) >= 256
@@ -75,7 +75,7 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
         **TOY,
     )
     train_vae(vae_cfg, progress=False)
-    config, modules = load_components(tmp_path / "vae-ckpt", ("vae",))
+    config, _ = load_components(tmp_path / "vae-ckpt", ("vae",))
     assert config.vae.latent_std > 0 and len(rows(tmp_path / "vae")) == 2
 
     common = {"latents": str(tmp_path / "latents.pt"), "log_every": 1, "checkpoint_every": 1}

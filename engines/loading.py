@@ -162,6 +162,15 @@ def load_checkpoint(
     return LoadedModel(config, modules["dit"], modules["vae"], str(Path(path)))
 
 
+DEFAULT_MODEL = "shapes-apt-tiny"  # the APT generator trained by training/, shipped under models/
+FALLBACK_MODEL = "tiny"  # the same architecture with random weights, until the trained one exists
+
+
+def default_model() -> str:
+    """The model the server and CLI run when none is named."""
+    return DEFAULT_MODEL if (MODELS_DIR / DEFAULT_MODEL / CONFIG_NAME).is_file() else FALLBACK_MODEL
+
+
 def resolve_model(spec: str) -> str | Path:
     """A preset name, a checkpoint folder, or the name of a folder under models/: the first that matches."""
     if Path(spec).is_dir():

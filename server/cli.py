@@ -7,8 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "tiny"
-
 log = logging.getLogger("aptserve")
 
 
@@ -16,7 +14,8 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate one clip to an MP4 file")
     p.add_argument("prompt", help="text prompt")
     p.add_argument("-o", "--output", type=Path, default=Path("out.mp4"), help="MP4 file to write (default out.mp4)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint folder, name under models/, or preset")
+    p.add_argument("--model", default=None, help="checkpoint folder, name under models/, or preset (default: "
+                   "models/shapes-apt-tiny when present, else the random-weight tiny preset)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
     p.add_argument("--seconds", type=float, default=2.0, help="clip length; frames = 4*latents - 3 (2 s -> 49)")
@@ -32,9 +31,11 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from engines.loading import default_model
     from engines.pipeline import Pipeline
     from server.encoding import FragmentedMP4Encoder
 
+    args.model = args.model or default_model()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     with tqdm(total=None, desc=f"loading {args.model}", disable=args.no_progress, unit="chunk") as bar:

@@ -10,12 +10,18 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+def default_model() -> str:
+    from engines.loading import default_model as resolve  # torch only when a Settings is actually built
+
+    return resolve()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="APTSERVE_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0 = any free port)")
-    model: str = Field("tiny", description="checkpoint folder, name under models/, or preset")
+    model: str = Field(default_factory=default_model, description="checkpoint folder, name under models/, or preset")
     device: str | None = Field(None, description="cpu or cuda (default: cuda when available)")
     dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
     data_dir: Path = Field(Path("data"), description="folder for the job database and finished MP4s")

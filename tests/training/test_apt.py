@@ -1,0 +1,215 @@
+"""Adversarial post-training: generator at t = 1 only, discriminator heads and gradients, approximated R1, EMA, and a
+resumable smoke run of the whole stage."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+
+import pytest
+import torch
+
+from engines.config import MODEL_PRESETS
+from engines.dit import DiTConfig, MMDiT
+from engines.loading import load_checkpoint, random_model, save_checkpoint
+from engines.text import TextEncoderConfig
+from training import stage_apt
+from training.discriminator import approx_r1, head_blocks, sample_d_timesteps
+from training.latents import LatentSet
+from training.stage_apt import APTStageConfig, d_losses, d_step, g_step, make_parts, train_apt
+
+TEXT_DIM, TEXT_LEN, LATENT = 8, 4, (16, 5, 4, 4)
+DIT = DiTConfig(depth=6, hidden_size=64, num_heads=4, text_dim=TEXT_DIM, freq_dim=32)
+
+
+def tiny_dit(seed: int) -> MMDiT:
+    dit = MMDiT(DIT)
+    dit.init_weights(torch.Generator().manual_seed(seed), zero_out=False)
+    return dit
+
+
+def tiny_latents(n: int = 6) -> LatentSet:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(3, TEXT_LEN, dtype=torch.bool)
+    mask[0, 1:] = False  # the empty prompt
+    mask[1, 3:] = False
+    return LatentSet(
+        latents=torch.randn(n, *LATENT, generator=g).half(),
+        caption_ids=torch.arange(n) % 2 + 1,
+        captions=["", "a red circle moving left", "a blue square moving up"],
+        text_tokens=torch.randn(3, TEXT_LEN, TEXT_DIM, generator=g).half(),
+        text_mask=mask,
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: extra threads only add sync overhead, which is 10x on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cfg(tmp_path) -> APTStageConfig:
+    return APTStageConfig(
+        out=str(tmp_path / "run"), export=str(tmp_path / "export"), batch_size=2, lr_g=1e-3, lr_d=1e-3
+    )
+
+
+@pytest.fixture
+def teacher() -> MMDiT:
+    return tiny_dit(1)
+
+
+@pytest.fixture
+def parts(teacher, cfg):
+    torch.manual_seed(0)
+    return make_parts(teacher, tiny_dit(2), cfg)
+
+
+def real_batch(data: LatentSet, n: int = 2):
+    return data.batch(torch.arange(n))
+
+
+def test_head_blocks_scale_16_26_36_of_36():
+    assert head_blocks(36) == (15, 25, 35)
+    assert head_blocks(6) == (2, 3, 5)
+    assert head_blocks(3) == (0, 1, 2)
+    with pytest.raises(ValueError, match="too small"):
+        head_blocks(2)
+
+
+def test_heads_read_the_outputs_of_exactly_the_configured_blocks(parts):
+    disc = parts.disc
+    assert disc.blocks_read == (2, 3, 5) and len(disc.heads) == 3
+    block_out, head_in = {}, []
+    for i, block in enumerate(disc.backbone.blocks):
+        block.register_forward_hook(lambda m, args, out, i=i: block_out.__setitem__(i, out[0]))
+    for head in disc.heads:
+        head.register_forward_hook(lambda m, args, out: head_in.append(args[0]))
+    x, text, mask = real_batch(tiny_latents())
+    disc(x, torch.rand(2), text, mask)
+    assert len(head_in) == 3
+    for features, index in zip(head_in, (2, 3, 5)):
+        assert features is block_out[index]
+    assert not any(head_in[0] is block_out[i] for i in (0, 1, 4))
+
+
+def test_generator_is_queried_only_at_t_equal_one(parts, cfg):
+    seen = []
+    forward = parts.generator.forward
+
+    def recording(x, t, *args, **kwargs):
+        seen.append(t.detach().clone())
+        return forward(x, t, *args, **kwargs)
+
+    parts.generator.forward = recording
+    d_step(parts, tiny_latents(), cfg)
+    g_step(parts, tiny_latents(), cfg)
+    assert len(seen) == 2
+    assert all(torch.equal(t, torch.ones(cfg.batch_size)) for t in seen)
+
+
+@pytest.mark.parametrize("sigma_is_variance", [False, True])
+def test_approximated_r1_equals_its_formula_for_a_fixed_eps(parts, cfg, sigma_is_variance):
+    cfg = dataclasses.replace(cfg, r1_sigma=0.04, sigma_is_variance=sigma_is_variance)
+    std = 0.2 if sigma_is_variance else 0.04
+    x, text, mask = real_batch(tiny_latents())
+    fake, eps, t = torch.randn_like(x), torch.randn_like(x), torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        losses = d_losses(parts.disc, x, fake, text, mask, t, eps, None, cfg)
+        by_hand = cfg.r1_lambda * (parts.disc(x, t, text, mask) - parts.disc(x + std * eps, t, text, mask)).pow(2)
+    torch.testing.assert_close(losses["r1"], by_hand.mean(), rtol=1e-4, atol=1e-6)
+    assert losses["r1"] > 0
+    assert approx_r1(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.0]), 100.0).item() == pytest.approx(12.5)
+
+
+def test_one_d_step_gives_every_discriminator_parameter_a_gradient(parts, cfg):
+    names = [name for name, _ in parts.disc.named_parameters()]
+    assert not any("final_" in name for name in names)  # the teacher's output layer is not part of D
+    d_step(parts, tiny_latents(), cfg)
+    missing = [n for n, p in parts.disc.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_discriminator_is_a_trainable_copy_of_the_teacher(teacher, parts, cfg):
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    backbone = parts.disc.backbone.state_dict()
+    shared = [k for k in before if not k.startswith(("final_mod", "final_proj"))]
+    assert all(torch.equal(backbone[k], before[k]) for k in shared)
+    assert all(p.requires_grad for p in parts.disc.parameters())
+    d_step(parts, tiny_latents(), cfg)
+    assert all(torch.equal(teacher.state_dict()[k], before[k]) for k in before)
+    assert not torch.equal(parts.disc.backbone.blocks[0].video_out.weight, before["blocks.0.video_out.weight"])
+
+
+def test_g_step_updates_the_ema(parts, cfg):
+    shadow = {k: v.clone() for k, v in parts.ema.shadow.items()}
+    g_step(parts, tiny_latents(), cfg)
+    decay = cfg.ema_decay
+    for name, p in parts.generator.named_parameters():
+        torch.testing.assert_close(parts.ema.shadow[name], decay * shadow[name] + (1 - decay) * p.detach())
+    assert any(not torch.equal(parts.ema.shadow[k], shadow[k]) for k in shadow)
+
+
+def test_d_timesteps_are_shifted_uniform():
+    t = sample_d_timesteps(1000, 12.0, torch.Generator().manual_seed(0))
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(t, 12 * u / (1 + 11 * u))
+    assert t.median() > 0.8  # s = 12 keeps D's timesteps mostly near the noisy end
+
+
+def test_relativistic_loss_reports_r2_and_steps(parts, cfg):
+    cfg = dataclasses.replace(cfg, loss="relativistic")
+    losses = {**d_step(parts, tiny_latents(), cfg), **g_step(parts, tiny_latents(), cfg)}
+    assert {"d_loss", "r1", "r2", "d_real", "d_fake", "g_loss"} <= set(losses)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_bad_config_values_raise():
+    with pytest.raises(ValueError, match="loss"):
+        APTStageConfig(loss="hinge")
+    with pytest.raises(ValueError, match="optimizer"):
+        APTStageConfig(optimizer="sgd")
+
+
+def read_steps(path) -> list[dict[str, str]]:
+    with open(path / "losses.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_stage_smoke_run_exports_and_resumes(tmp_path, monkeypatch):
+    base = MODEL_PRESETS["tiny"]
+    config = dataclasses.replace(base, name="teacher", dit=DIT, text=TextEncoderConfig(dim=TEXT_DIM), default_steps=25)
+    model = random_model(config, seed=0)
+    save_checkpoint(tmp_path / "teacher", config, {"dit": model.dit, "vae": model.vae})
+    save_checkpoint(tmp_path / "student", config, {"dit": tiny_dit(2)})
+    tiny_latents().save(tmp_path / "latents.pt")
+    cfg = APTStageConfig(
+        out=str(tmp_path / "run"),
+        export=str(tmp_path / "apt"),
+        teacher=str(tmp_path / "teacher"),
+        generator=str(tmp_path / "student"),
+        latents=str(tmp_path / "latents.pt"),
+        steps=3,
+        batch_size=2,
+        lr_g=1e-4,
+        lr_d=1e-4,
+        log_every=1,
+        checkpoint_every=2,
+    )
+    assert train_apt(cfg, progress=False) == tmp_path / "apt"
+    rows = read_steps(tmp_path / "run")
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert {"d_loss", "g_loss", "r1", "d_real", "d_fake"} <= set(rows[0])
+    loaded = load_checkpoint(tmp_path / "apt")
+    assert loaded.config.default_steps == 1 and loaded.config.dit == DIT
+
+    calls = []
+    monkeypatch.setattr(stage_apt, "d_step", lambda *a: calls.append(1) or d_step(*a))
+    train_apt(dataclasses.replace(cfg, steps=5), progress=False)
+    assert len(calls) == 2  # resumed at step 3: only steps 4 and 5 ran
+    assert [r["step"] for r in read_steps(tmp_path / "run")] == ["1", "2", "3", "4", "5"]
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["step"] == 5

@@ -1,0 +1,247 @@
+"""Stage 3: adversarial post-training. The consistency-distilled student becomes a one-step generator
+G(z, c) = z - v(z, c, t=1), trained against a discriminator initialised from the diffusion teacher, with
+approximated R1, 1:1 alternating D and G steps, and an EMA of G that is exported as the inference model."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engines.config import ModelConfig
+from engines.dit import MMDiT
+from engines.loading import load_components, save_checkpoint
+from engines.sampling import one_step
+from engines.vae import CausalVAE
+from training.common import EMA, RunDir, Trainer, seed_everything
+from training.discriminator import (
+    TRAIN_ATTENTION,
+    Discriminator,
+    approx_r1,
+    check_loss,
+    d_adversarial_loss,
+    g_adversarial_loss,
+    perturbation_std,
+    sample_d_timesteps,
+)
+from training.latents import LatentSet
+
+log = logging.getLogger("aptserve.training.apt")
+OPTIMIZERS = ("adam", "rmsprop")
+
+
+@dataclass(frozen=True)
+class APTStageConfig:
+    out: str = "runs/apt"
+    export: str = "models/shapes-apt-tiny"
+    teacher: str = "models/shapes-teacher-tiny"  # diffusion checkpoint: D starts from it, its VAE is exported
+    generator: str = "models/shapes-cd-tiny"  # consistency-distilled checkpoint: G starts from it
+    latents: str = "runs/latents-tiny.pt"
+    steps: int = 1000  # each step is one D update then one G update
+    batch_size: int = 16
+    lr_g: float = 3e-6  # the paper's video value; small models want more (config files override)
+    lr_d: float = 3e-6
+    optimizer: str = "adam"  # "adam": Adam(betas=(0, alpha)), bias-corrected; "rmsprop": RMSprop(alpha)
+    rmsprop_alpha: float = 0.9
+    ema_decay: float = 0.995
+    loss: str = "nonsaturating"  # or "relativistic" (APT2/SeedVR2), which adds approximated R2 on fakes
+    use_r1: bool = True  # the ablation switch: without it D wins and G collapses
+    r1_lambda: float = 100.0  # also the R2 weight with the relativistic loss (APT2 used 1000)
+    r1_sigma: float = 0.1  # 0.1 for video, 0.01 for images
+    sigma_is_variance: bool = False  # the paper says "variance"; False reads sigma as a standard deviation
+    d_shift: float = 12.0  # D's timestep ensemble shift(U(0, 1), s): 12 for video, 1 for images
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_loss(self.loss)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr_g": self.lr_g, "lr_d": self.lr_d}
+        positive |= {"r1_sigma": self.r1_sigma, "d_shift": self.d_shift}
+        positive |= {"checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
+        bad = {k: v for k, v in positive.items() if not v > 0}
+        if bad:
+            raise ValueError(f"APTStageConfig values must be positive; got {bad}")
+        if not 0.0 <= self.rmsprop_alpha < 1.0 or self.r1_lambda < 0:
+            raise ValueError(
+                f"need 0 <= rmsprop_alpha < 1 and r1_lambda >= 0; got {self.rmsprop_alpha}, {self.r1_lambda}"
+            )
+
+
+def make_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: APTStageConfig) -> torch.optim.Optimizer:
+    """RMSProp with alpha 0.9 as the paper states it, i.e. Adam with beta1 = 0; no weight decay, no clipping."""
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.rmsprop_alpha, eps=1e-8, weight_decay=0.0)
+    return torch.optim.Adam(params, lr=lr, betas=(0.0, cfg.rmsprop_alpha), eps=1e-8, weight_decay=0.0)
+
+
+@dataclass
+class APTParts:
+    """Everything a step updates, and everything a resumed run needs back."""
+
+    generator: MMDiT
+    disc: Discriminator
+    ema: EMA
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.state_dict(),
+            "disc": self.disc.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.disc.load_state_dict(state["disc"])
+        self.ema.load_state_dict(state["ema"])
+        device = next(self.generator.parameters()).device  # the run file is loaded onto the CPU
+        self.ema.shadow = {name: value.to(device) for name, value in self.ema.shadow.items()}
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+
+def make_parts(teacher: MMDiT, generator: MMDiT, cfg: APTStageConfig) -> APTParts:
+    """D from a copy of the teacher (the teacher itself is left untouched), G from the student, both trainable."""
+    disc = Discriminator(teacher).to(cfg.device).train()
+    generator = generator.to(cfg.device).train().requires_grad_(True)
+    generator.attention_impl = TRAIN_ATTENTION
+    opt_g = make_optimizer(generator.parameters(), cfg.lr_g, cfg)
+    opt_d = make_optimizer(disc.parameters(), cfg.lr_d, cfg)
+    return APTParts(generator, disc, EMA(generator, cfg.ema_decay), opt_g, opt_d)
+
+
+def generate(generator: MMDiT, z: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """G(z, c) = z - v(z, c, t=1): always the final timestep; CFG is already baked in by distillation."""
+    return one_step(lambda x, t: generator(x, t, text, mask), z)
+
+
+def sample_batch(data: LatentSet, cfg: APTStageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, text, mask = data.batch(torch.randint(len(data), (cfg.batch_size,)))
+    return x.to(cfg.device), text.to(cfg.device), mask.to(cfg.device)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """No parameter gradients for `module` (gradients still flow through it to its inputs)."""
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)
+
+
+def d_losses(
+    disc: Discriminator,
+    real: torch.Tensor,  # (B, C, F, h, w)
+    fake: torch.Tensor,  # (B, C, F, h, w), detached
+    text: torch.Tensor,
+    mask: torch.Tensor,
+    t: torch.Tensor,  # (B,) shared by a real sample, its fake and their perturbations
+    eps_real: torch.Tensor,
+    eps_fake: torch.Tensor | None,
+    cfg: APTStageConfig,
+) -> dict[str, torch.Tensor]:
+    """D's loss terms; the perturbed copies for approximated R1 (and R2) ride in the same forward pass."""
+    std = perturbation_std(cfg.r1_sigma, cfg.sigma_is_variance)
+    with_r2 = cfg.use_r1 and cfg.loss == "relativistic"
+    inputs = [real, fake]
+    if cfg.use_r1:
+        inputs.append(real + std * eps_real)
+    if with_r2:
+        inputs.append(fake + std * eps_fake)
+    n = len(inputs)
+    logits = disc(torch.cat(inputs), t.repeat(n), text.repeat(n, 1, 1), mask.repeat(n, 1)).chunk(n)  # n x (B,)
+    adversarial = d_adversarial_loss(logits[0], logits[1], cfg.loss)
+    r1 = approx_r1(logits[0], logits[2], cfg.r1_lambda) if cfg.use_r1 else torch.zeros((), device=real.device)
+    losses = {"d_loss": adversarial, "r1": r1, "d_real": logits[0].mean(), "d_fake": logits[1].mean()}
+    if with_r2:
+        losses["r2"] = approx_r1(logits[1], logits[3], cfg.r1_lambda)
+    losses["total"] = adversarial + r1 + losses.get("r2", 0.0)
+    return losses
+
+
+def d_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, float]:
+    real, text, mask = sample_batch(data, cfg)
+    with torch.no_grad():
+        fake = generate(parts.generator, torch.randn_like(real), text, mask)
+    t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
+    eps_fake = torch.randn_like(fake) if cfg.loss == "relativistic" else None
+    losses = d_losses(parts.disc, real, fake, text, mask, t, torch.randn_like(real), eps_fake, cfg)
+    parts.opt_d.zero_grad(set_to_none=True)
+    losses.pop("total").backward()
+    parts.opt_d.step()
+    return {k: v.item() for k, v in losses.items()}
+
+
+def g_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, float]:
+    real, text, mask = sample_batch(data, cfg)
+    t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
+    with frozen(parts.disc):
+        fake = generate(parts.generator, torch.randn_like(real), text, mask)
+        d_fake = parts.disc(fake, t, text, mask)
+        with torch.no_grad():
+            d_real = parts.disc(real, t, text, mask) if cfg.loss == "relativistic" else None
+        loss = g_adversarial_loss(d_fake, d_real, cfg.loss)
+        parts.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.opt_g.step()
+    parts.ema.update(parts.generator)
+    return {"g_loss": loss.item()}
+
+
+def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, CausalVAE]:
+    """Load teacher, student and latents; the returned config is what the exported one-step model carries."""
+    teacher_config, teacher = load_components(cfg.teacher, ("dit", "vae"))
+    student_config, student = load_components(cfg.generator, ("dit",))
+    data = LatentSet.load(cfg.latents)
+    parts = make_parts(teacher["dit"], student["dit"], cfg)
+    config = dataclasses.replace(
+        teacher_config, name=Path(cfg.export).name, dit=student_config.dit, default_steps=1, guidance_scale=1.0
+    )
+    return parts, data, config, teacher["vae"]
+
+
+def export(parts: APTParts, config: ModelConfig, vae: CausalVAE, cfg: APTStageConfig) -> Path:
+    """The EMA generator with the teacher's VAE, as a full inference checkpoint."""
+    g_ema = MMDiT(parts.generator.config)
+    parts.ema.copy_to(g_ema)
+    return save_checkpoint(cfg.export, config, {"dit": g_ema, "vae": vae})
+
+
+def train_apt(cfg: APTStageConfig, progress: bool = True) -> Path:
+    seed_everything(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    parts, data, config, vae = build(cfg)
+    run = RunDir(cfg.out)
+
+    def get_state() -> dict[str, Any]:
+        return {**parts.state_dict(), "config": dataclasses.asdict(cfg)}
+
+    trainer = Trainer(
+        run, cfg.steps, get_state, parts.load_state_dict, cfg.checkpoint_every, cfg.log_every, progress, "train apt"
+    )
+    trainer.resume()
+
+    def step(i: int) -> dict[str, float]:
+        return {**d_step(parts, data, cfg), **g_step(parts, data, cfg)}  # 1:1 alternation, D first
+
+    if trainer.fit(step) < cfg.steps:
+        log.info("stopped at step %d; run the same command again to resume", trainer.step)
+        return run.path
+    return export(parts, config, vae, cfg)

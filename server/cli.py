@@ -129,7 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = getattr(module, entry)(cfg, progress=not args.no_progress)
-    log.info("%s stage done: %s", args.stage, result)
+    log.info("%s stage: %s", args.stage, result)
     return 0
 
 

@@ -292,22 +292,8 @@ def _seconds_str(seconds: float) -> str:
 
 def job_to_video(job: VideoJob) -> Video:
     error = VideoError(code=job.error_code, message=job.error_message or "") if job.error_code else None
-    return Video(
-        id=job.id,
-        status=job.status,
-        progress=job.progress,
-        created_at=job.created_at,
-        completed_at=job.completed_at,
-        expires_at=job.expires_at,
-        model=job.model,
-        prompt=job.prompt,
-        seconds=job.seconds,
-        size=job.size,
-        seed=job.seed,
-        steps=job.steps,
-        fps=job.fps,
-        error=error,
-    )
+    shared = {name: getattr(job, name) for name in Video.model_fields if name != "error" and hasattr(job, name)}
+    return Video(**shared, error=error)
 
 
 __all__ = ["COMPLETED", "FAILED", "GenerationStopped", "Piece", "Services", "job_to_video"]

@@ -39,6 +39,11 @@ def wait_for(predicate, timeout=30.0):
         time.sleep(0.02)
 
 
+def stream_two_seconds(server):
+    body = {"prompt": PROMPT, "seconds": 2, "stream": True}
+    return httpx.stream("POST", server.url + "/v1/videos/sync", json=body, timeout=60)
+
+
 def has_fragment(data: bytes) -> bool:
     return any(kind == "moof" for kind, _ in iter_boxes(bytes(data)))
 
@@ -46,12 +51,7 @@ def has_fragment(data: bytes) -> bool:
 def test_http_stream_sends_first_fragment_before_last_chunk_is_generated(live_server):
     with GenerationGate(services_of(live_server), hold_at=12) as gate:
         body = bytearray()
-        with httpx.stream(
-            "POST",
-            live_server.url + "/v1/videos/sync",
-            json={"prompt": PROMPT, "seconds": 2, "stream": True},
-            timeout=60,
-        ) as response:
+        with stream_two_seconds(live_server) as response:
             assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
             for data in response.iter_bytes():
                 body += data
@@ -158,12 +158,7 @@ def test_same_shape_requests_are_batched_and_full_queue_gets_429(live_server_fac
 def test_client_disconnect_cancels_generation(live_server):
     with GenerationGate(services_of(live_server), hold_at=3) as gate:
         body = bytearray()
-        with httpx.stream(
-            "POST",
-            live_server.url + "/v1/videos/sync",
-            json={"prompt": PROMPT, "seconds": 2, "stream": True},
-            timeout=60,
-        ) as response:
+        with stream_two_seconds(live_server) as response:
             for data in response.iter_bytes():
                 body += data
                 if has_fragment(body):

@@ -1,7 +1,8 @@
 """Causal 3D convolutional video VAE (Wan-VAE-like, written from scratch): 4x temporal, 8x8 spatial, 16 channels.
 
 The first frame is coded alone, so F = 4*L - 3 frames <-> L latent frames; decoding streams one latent frame at a
-time with the causal-conv history carried in an explicit `DecodeCache`.
+time with the causal-conv history carried in an explicit `DecodeCache`. After `vae.to(memory_format=
+torch.channels_last_3d)` every activation stays channels-last (NDHWC), the layout cuDNN's fastest 3D convs use.
 """
 
 from __future__ import annotations
@@ -29,11 +30,20 @@ _CPU_SLOW_CONV3D_MAX = 20480
 # Layers
 
 
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """channels_last_3d if x (B, C, T, H, W) is laid out NDHWC (and not also plain contiguous), else contiguous."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _conv3d(conv: nn.Conv3d, x: Tensor) -> Tensor:
-    """conv(x), with short CPU clips run as the same conv with time as the last axis to reach the fast kernel."""
+    """conv(x) in x's memory format (CPU convs return NCDHW even for NDHWC inputs; cuDNN keeps NDHWC), with short
+    CPU clips run as the same conv with time as the last axis to reach the fast kernel."""
+    fmt = memory_format_of(x)
     B, C, T, H, W = x.shape
     if not x.is_cpu or B > 1 or B * C * T * H > _CPU_SLOW_CONV3D_MAX or B * C * H * W <= _CPU_SLOW_CONV3D_MAX:
-        return conv._conv_forward(x, conv.weight, conv.bias)
+        return conv._conv_forward(x, conv.weight, conv.bias).contiguous(memory_format=fmt)
     time_last = (1, 2, 0)  # (T, H, W) order of padding/stride/dilation -> (H, W, T)
     y = F.conv3d(
         x.permute(0, 1, 3, 4, 2),  # (B, C, H, W, T)
@@ -43,7 +53,7 @@ def _conv3d(conv: nn.Conv3d, x: Tensor) -> Tensor:
         padding=tuple(conv.padding[i] for i in time_last),
         dilation=tuple(conv.dilation[i] for i in time_last),
     )
-    return y.permute(0, 1, 4, 2, 3).contiguous()  # (B, C_out, T, H, W)
+    return y.permute(0, 1, 4, 2, 3).contiguous(memory_format=fmt)  # (B, C_out, T, H, W)
 
 
 class ChannelRMSNorm(nn.Module):
@@ -80,7 +90,8 @@ class CausalConv3d(nn.Conv3d):
         past = None if cache is None else cache.get(self.cache_key)
         if past is None:
             B, C, _, H, W = x.shape
-            past = x.new_zeros(B, C, self.past_frames, H, W)
+            past = torch.zeros(B, C, self.past_frames, H, W, dtype=x.dtype, device=x.device)
+            past = past.contiguous(memory_format=memory_format_of(x))
         x = torch.cat([past, x], dim=2)  # (B, C, past + T, H, W)
         if cache is not None:  # clone so the cache does not pin the whole concatenated chunk
             cache = {**cache, self.cache_key: x[:, :, -self.past_frames :].clone()}
@@ -152,11 +163,19 @@ class TemporalUpsample(nn.Module):
     def forward(self, x: Tensor, cache: ConvCache | None) -> tuple[Tensor, ConvCache | None]:
         starts_video = cache is None or self.time_conv.cache_key not in cache
         y, cache = self.time_conv(x, cache)  # (B, 2C, T, H, W)
-        B, C2, T, H, W = y.shape
-        y = y.view(B, 2, C2 // 2, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C2 // 2, 2 * T, H, W)
+        y = _unfold_time(y)  # (B, C, 2T, H, W)
         if starts_video:  # frame 0 is passed through once instead of being doubled
-            y = torch.cat([x[:, :, :1], y[:, :, 2:]], dim=2)
+            y = x[:, :, :1] if y.shape[2] == 2 else torch.cat([x[:, :, :1], y[:, :, 2:]], dim=2)
         return y, cache  # (B, C, 2T - 1 or 2T, H, W)
+
+
+def _unfold_time(y: Tensor) -> Tensor:
+    """(B, 2C, T, H, W) -> (B, C, 2T, H, W): channel half i becomes output frame 2t + i. One copy in either layout."""
+    B, C2, T, H, W = y.shape
+    if memory_format_of(y) == torch.channels_last_3d:
+        y = y.permute(0, 2, 3, 4, 1).view(B, T, H, W, 2, C2 // 2).permute(0, 1, 4, 2, 3, 5)  # (B, T, 2, H, W, C)
+        return y.contiguous().view(B, 2 * T, H, W, C2 // 2).permute(0, 4, 1, 2, 3)  # NDHWC memory
+    return y.view(B, 2, C2 // 2, T, H, W).permute(0, 2, 3, 1, 4, 5).reshape(B, C2 // 2, 2 * T, H, W)
 
 
 class Downsample(nn.Module):
@@ -409,10 +428,16 @@ class CausalVAE(nn.Module):
             mean = mean + torch.exp(0.5 * logvar) * noise
         return (mean - self.config.latent_mean) / self.config.latent_std
 
+    @property
+    def channels_last(self) -> bool:
+        """Whether the decoder was converted with `.to(memory_format=torch.channels_last_3d)`: then decoding feeds it
+        NDHWC latents and every activation (and the returned video) keeps that layout."""
+        return memory_format_of(self.decoder.stem.weight) == torch.channels_last_3d
+
     def decode(self, latent: Tensor) -> Tensor:
         """(B, latent, L, h, w) normalised -> (B, 3, 4L-3, 8h, 8w), unclamped, in one pass over the time axis."""
         self._check_latent(latent)
-        video, _ = self.decoder(self._denormalize(latent))
+        video, _ = self.decoder(self._decoder_input(latent))
         return video
 
     def init_decode_cache(self) -> DecodeCache:
@@ -421,7 +446,7 @@ class CausalVAE(nn.Module):
     def decode_chunk(self, latent_frame: Tensor, cache: DecodeCache) -> tuple[Tensor, DecodeCache]:
         """Decode the next latent frame(s) (B, latent, T, h, w): 1 + 4(T-1) frames on the first call, 4T after."""
         self._check_latent(latent_frame)
-        video, convs = self.decoder(self._denormalize(latent_frame), cache.convs)
+        video, convs = self.decoder(self._decoder_input(latent_frame), cache.convs)
         assert convs is not None
         return video, DecodeCache(convs, cache.latent_frames_decoded + latent_frame.shape[2])
 
@@ -434,6 +459,10 @@ class CausalVAE(nn.Module):
 
     def _denormalize(self, latent: Tensor) -> Tensor:
         return latent * self.config.latent_std + self.config.latent_mean
+
+    def _decoder_input(self, latent: Tensor) -> Tensor:
+        z = self._denormalize(latent)
+        return z.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else z
 
     def _check_video(self, video: Tensor) -> None:
         if video.ndim != 5 or video.shape[1] != self.config.in_channels:

@@ -1,0 +1,660 @@
+"""One-shot GPU check: bf16 matmul peak, attention, apt-8b one step, Wan-sized VAE decode, end to end, peak memory.
+
+    python bench/gpu_check.py [--json results.json] [--budget-s 420] [--only dit,vae]   # one H100, < 8 minutes
+    python bench/gpu_check.py --tiny [--threads 1] [--json results.json]               # CPU, tiny shapes, CI
+
+Prints machine info and one markdown table (ready for docs/PERF.md); `--json` gets the same rows, rewritten after
+every row so a run cut short still leaves its results. Every row is guarded: a failure prints its error in the table
+and the script goes on; a row that would start after `--budget-s` is skipped. Rows run cheapest first and compiled
+ones last (the first call, which compiles, is reported apart from the median), but the table keeps a fixed order.
+Random weights throughout (apt-8b is built in bf16 directly on the GPU); end to end excludes text encoding (random
+text tokens: the server caches prompt encodings). `--tiny` runs the same code on the CPU in fp32 with one untimed
+warm-up fewer: tiny DiT at 64x64x49, the tiny VAE in the "wan" rows and a half-width decoder in the "wan-light"
+rows, small matmul and attention; Triton rows are skipped (they need CUDA), FP8 linears use their CPU emulation, and
+compiled rows use torch.compile's "aot_eager" backend unless `--compiler inductor` (inductor's C++ build takes
+minutes on a 2-core CI machine; tests/engines/test_backends.py checks inductor). Imports only torch and this
+repository's `engines` and `kernels`: the GPU machine has no FastAPI or other server dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+import kernels
+from engines.backends import prepare
+from engines.config import MODEL_PRESETS, ModelConfig
+from engines.dit import MMDiT
+from engines.flops import dit_flops
+from engines.quant import quantized_layer_names
+from engines.vae import VAE_PRESETS, CausalVAE, VAEConfig
+from kernels.attention import reference_attention
+from kernels.triton_attention import unsupported_reason
+
+GIB = 2**30
+
+# Logical table order: row name -> what it measures (kept in the JSON; the table shows the per-run notes).
+ROWS: dict[str, str] = {
+    "matmul": "square matmul in the run's dtype, median; the peak the other rows are compared with",
+    "attention sdpa": "torch SDPA with the key padding mask",
+    "attention triton": "Triton flash attention, bf16",
+    "attention triton_fp8": "Triton flash attention, e4m3 Q/K/V/P",
+    "dit eager sdpa": "one generator step, SDPA attention",
+    "dit eager triton": "one generator step, Triton attention",
+    "dit eager fp8 linears": "+ FP8 linears, Triton attention (SDPA where Triton cannot run)",
+    "dit eager fp8 linears + fp8 attention": "+ FP8 linears and FP8 Triton attention",
+    "dit compiled fp8 linears": "+ torch.compile of the blocks, FP8 linears, Triton attention",
+    "vae wan chunked": "Wan-sized decoder, latent frame by latent frame, each chunk to host uint8 (as the server does)",
+    "vae wan whole": "Wan-sized decoder, one pass over the clip",
+    "vae wan channels-last chunked": "NDHWC activations",
+    "vae wan channels-last whole": "NDHWC activations",
+    "vae wan compiled chunked": "torch.compile of the decoder (pointwise work fused around the convs)",
+    "vae wan compiled whole": "torch.compile of the decoder",
+    "vae wan-light chunked": "light decoder (wan-light: 64/128/256/256 channels, 2 blocks per stage)",
+    "vae wan-light whole": "light decoder",
+    "vae wan-light channels-last compiled chunked": "light decoder, NDHWC, compiled: the decode fast path",
+    "e2e eager fast path": "noise -> DiT (FP8, faster attention) -> light VAE chunks on the host; text encode excluded",
+    "e2e compiled fast path": "as above with the compiled DiT and the compiled channels-last light VAE",
+    "peak memory": "largest device memory any row held (CPU: process peak RSS)",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Plan: shapes and repeat counts for the H100 run and for --tiny
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: str
+    dtype: torch.dtype
+    model: ModelConfig  # generator + Wan-sized VAE
+    vae_light: VAEConfig
+    frames: int
+    width: int
+    height: int
+    text_tokens: int
+    matmul_n: int
+    attn_heads: int
+    attn_head_dim: int
+    reference_rows: int  # query rows the fp32 attention reference is computed on
+    warmup: int
+    repeats: int
+    matmul_repeats: int
+    compiler: str
+    tiny: bool
+    compile_reserve_s: float  # budget a compiled row needs left before it starts
+
+    @property
+    def attn_tokens(self) -> int:
+        return self.video_tokens + self.text_tokens
+
+    @property
+    def video_tokens(self) -> int:
+        return dit_flops(self.model, self.frames, self.width, self.height, self.text_tokens).video_tokens
+
+
+def full_plan(compiler: str) -> Plan:
+    """apt-8b at 1280x720x49 (46,800 video + 256 text tokens = 47,056), Wan-sized VAE, bf16 on the GPU."""
+    return Plan(
+        device="cuda", dtype=torch.bfloat16, model=MODEL_PRESETS["apt-8b"], vae_light=VAE_PRESETS["wan-light"],
+        frames=49, width=1280, height=720, text_tokens=256, matmul_n=8192, attn_heads=24, attn_head_dim=128,
+        reference_rows=512, warmup=1, repeats=2, matmul_repeats=10, compiler=compiler, tiny=False,
+        compile_reserve_s=90.0,
+    )  # fmt: skip
+
+
+def tiny_plan(compiler: str) -> Plan:
+    """The same rows on the CPU in fp32: tiny DiT at 64x64x49 (208 + 32 tokens), tiny VAE and a half-width decoder."""
+    tiny = MODEL_PRESETS["tiny"]
+    light = dataclasses.replace(tiny.vae, decoder_base_channels=8)
+    return Plan(
+        device="cpu", dtype=torch.float32, model=tiny, vae_light=light, frames=49, width=64, height=64,
+        text_tokens=32, matmul_n=512, attn_heads=4, attn_head_dim=64, reference_rows=64, warmup=0, repeats=1,
+        matmul_repeats=5, compiler=compiler, tiny=True, compile_reserve_s=0.0,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rows, timing and the report
+
+
+@dataclass
+class Row:
+    name: str
+    what: str = ""
+    status: str = "skipped"  # ok | skipped | error
+    seconds: float | None = None  # median of the timed runs
+    tflops: float | None = None
+    peak_fraction: float | None = None  # TFLOP/s over the measured matmul TFLOP/s
+    error: float | None = None  # relative (Frobenius) error against the row's reference, see note
+    peak_gib: float | None = None
+    note: str = ""
+    reason: str = ""  # why a row was skipped or failed
+
+
+@dataclass
+class Report:
+    plan: Plan
+    budget_s: float
+    only: list[str]
+    json_path: Path | None
+    machine: dict[str, Any]
+    rows: dict[str, Row] = field(default_factory=lambda: {n: Row(n, w, reason="not run") for n, w in ROWS.items()})
+    start: float = field(default_factory=time.perf_counter)
+    peak_tflops: float | None = None
+
+    def run(
+        self, name: str, measure: Callable[[], dict[str, Any]], skip: str | None = None, reserve_s: float = 0.0
+    ) -> None:
+        """Run one row's measurement with every guard; it returns Row fields plus optional `flops`. A row that
+        needs `reserve_s` (a compile) is skipped unless that much of the budget is left."""
+        row = self.rows[name]
+        elapsed = time.perf_counter() - self.start
+        if self.only and not any(part in name for part in self.only):
+            skip = skip or "not selected (--only)"
+        if skip is None and elapsed + reserve_s > self.budget_s:
+            skip = f"time budget: {elapsed:.0f} s of {self.budget_s:.0f} s spent, row needs about {reserve_s:.0f} s"
+        if skip is not None:
+            row.status, row.reason = "skipped", skip
+        else:
+            self._measure(row, measure)
+        self._log(row, elapsed)
+        self.write_json()
+
+    def _measure(self, row: Row, measure: Callable[[], dict[str, Any]]) -> None:
+        cuda = self.plan.device == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            values = measure()
+        except Exception as exc:  # one shot on a rented GPU: report and go on
+            traceback.print_exc(file=sys.stderr)
+            row.status, row.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            _free_memory(self.plan.device)
+            return
+        flops = values.pop("flops", None)
+        for key, value in values.items():
+            setattr(row, key, value)
+        row.status, row.reason = "ok", ""
+        if flops is not None and row.seconds:
+            row.tflops = flops / row.seconds / 1e12
+            if self.peak_tflops:
+                row.peak_fraction = row.tflops / self.peak_tflops
+        if row.peak_gib is None and cuda:
+            row.peak_gib = torch.cuda.max_memory_allocated() / GIB
+
+    def _log(self, row: Row, elapsed: float) -> None:
+        result = f"{row.seconds:.4g} s" if row.status == "ok" and row.seconds is not None else row.reason
+        print(f"[{elapsed:6.1f} s] {row.name}: {row.status} {result}", file=sys.stderr, flush=True)
+
+    def write_json(self) -> None:
+        if self.json_path is None:
+            return
+        data = {
+            "machine": self.machine,
+            "plan": {k: str(v) for k, v in dataclasses.asdict(self.plan).items() if k != "model"},
+            "elapsed_s": time.perf_counter() - self.start,
+            "rows": [dataclasses.asdict(row) for row in self.rows.values()],
+        }
+        self.json_path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> tuple[float, float, Any]:
+    """(median seconds of `repeats` timed calls, seconds of the first call, last result) after `warmup` calls."""
+    first = None
+    for _ in range(warmup):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        first = first if first is not None else time.perf_counter() - start
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first if first is not None else times[0], result
+
+
+def _free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30)).item()
+
+
+def machine_info(plan: Plan) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "device": plan.device,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if plan.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info |= {
+            "gpu": props.name,
+            "capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gib": props.total_memory / GIB,
+        }
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Matmul and attention
+
+
+def measure_matmul(plan: Plan) -> dict[str, Any]:
+    n = plan.matmul_n
+    a = torch.randn(n, n, device=plan.device, dtype=plan.dtype)
+    b = torch.randn(n, n, device=plan.device, dtype=plan.dtype)
+    seconds, _, _ = time_call(lambda: a @ b, plan.device, 3, plan.matmul_repeats)
+    return {"seconds": seconds, "flops": 2.0 * n**3, "note": f"{n}^3, {str(plan.dtype).removeprefix('torch.')}"}
+
+
+def attention_inputs(plan: Plan) -> dict[str, torch.Tensor]:
+    """Joint [text; video] sequence, a quarter of the text tokens padded; an fp32 reference on a strided subset."""
+    g = torch.Generator(device=plan.device).manual_seed(0)
+    shape = (1, plan.attn_heads, plan.attn_tokens, plan.attn_head_dim)
+    q, k, v = (torch.randn(shape, device=plan.device, dtype=plan.dtype, generator=g) for _ in range(3))
+    mask = text_mask(plan)
+    mask = torch.cat([mask, torch.ones(1, plan.video_tokens, dtype=torch.bool, device=plan.device)], dim=1)
+    rows = torch.linspace(0, plan.attn_tokens - 1, plan.reference_rows, device=plan.device).long()
+    reference = reference_attention(q[:, :, rows].float(), k.float(), v.float(), mask)  # (1, H, rows, D) fp32
+    return {"q": q, "k": k, "v": v, "mask": mask, "rows": rows, "reference": reference}
+
+
+def text_mask(plan: Plan) -> torch.Tensor:
+    mask = torch.zeros(1, plan.text_tokens, dtype=torch.bool, device=plan.device)
+    mask[:, : plan.text_tokens * 3 // 4] = True
+    return mask
+
+
+def measure_attention(plan: Plan, inputs: dict[str, torch.Tensor], impl: str) -> dict[str, Any]:
+    q, k, v, mask = inputs["q"], inputs["k"], inputs["v"], inputs["mask"]
+    seconds, first, out = time_call(lambda: kernels.attention(q, k, v, mask, impl=impl), plan.device, 1, plan.repeats)
+    sub, ref = out[:, :, inputs["rows"]].float(), inputs["reference"]
+    n = plan.attn_tokens
+    return {
+        "seconds": seconds,
+        "flops": 4.0 * plan.attn_heads * n * n * plan.attn_head_dim,
+        "error": relative_error(sub, ref),
+        "note": f"{n} tokens, {plan.attn_heads}x{plan.attn_head_dim}; error vs fp32 on {len(inputs['rows'])} rows, "
+        f"max abs {(sub - ref).abs().max().item():.2e}; first call {first:.2f} s",
+    }
+
+
+def triton_skip(plan: Plan, fp8: bool) -> str | None:
+    if plan.tiny:
+        return "needs CUDA (--tiny runs on the CPU)"
+    probe = torch.empty(1, 1, 1, plan.attn_head_dim, device=plan.device, dtype=plan.dtype)
+    return unsupported_reason(probe, fp8=fp8)
+
+
+def attention_section(report: Report) -> None:
+    plan = report.plan
+    state: dict[str, Any] = {}
+
+    def inputs() -> dict[str, torch.Tensor]:
+        if "inputs" not in state:
+            state["inputs"] = attention_inputs(plan)
+        return state["inputs"]
+
+    for impl in ("sdpa", "triton", "triton_fp8"):
+        skip = None if impl == "sdpa" else triton_skip(plan, fp8=impl == "triton_fp8")
+        report.run(f"attention {impl}", lambda impl=impl: measure_attention(plan, inputs(), impl), skip)
+    state.clear()
+    _free_memory(plan.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generator
+
+
+def build_dit(plan: Plan) -> MMDiT:
+    """Random bf16 weights made directly on the device (apt-8b: about 16.5 GB), never in fp32 on the host."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(plan.dtype)
+    try:
+        with torch.device(plan.device):
+            model = MMDiT(plan.model.dit)
+    finally:
+        torch.set_default_dtype(previous)
+    model.init_weights(torch.Generator(device=plan.device).manual_seed(0), zero_out=False)
+    return model.eval().requires_grad_(False)
+
+
+def dit_inputs(plan: Plan) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device=plan.device).manual_seed(1)
+    channels, latents = plan.model.vae.latent_channels, plan.model.vae.latents_for_frames(plan.frames)
+    z = torch.randn(1, channels, latents, plan.height // 8, plan.width // 8, device=plan.device, generator=g)
+    text = torch.randn(1, plan.text_tokens, plan.model.dit.text_dim, device=plan.device, generator=g)
+    t = torch.ones(1, device=plan.device, dtype=plan.dtype)
+    return z.to(plan.dtype), t, text.to(plan.dtype), text_mask(plan)
+
+
+def measure_dit(plan: Plan, state: dict[str, Any], backend: str, **options: Any) -> dict[str, Any]:
+    if "dit" not in state:
+        state["dit"], state["dit_inputs"] = build_dit(plan), dit_inputs(plan)
+    model = state["dit"]
+    extra = {"compiler": plan.compiler} if backend == "compiled" else {}
+    prepare(model, backend, **options, **extra)
+    inputs = state["dit_inputs"]
+    with torch.inference_mode():
+        seconds, first, out = time_call(lambda: model(*inputs), plan.device, plan.warmup, plan.repeats)
+    flops = dit_flops(plan.model, plan.frames, plan.width, plan.height, plan.text_tokens).total
+    note = f"attention {model.attention_impl}; first call {first:.2f} s"
+    if quantized_layer_names(model):
+        note += f"; {len(quantized_layer_names(model))} FP8 linears ({fp8_kind(plan)})"
+    values: dict[str, Any] = {"seconds": seconds, "flops": flops, "note": note}
+    if backend == "eager" and options == {"attention": "sdpa"}:
+        state["dit_reference"] = out
+    elif "dit_reference" in state:
+        values["error"] = relative_error(out, state["dit_reference"])
+        values["note"] += "; error vs eager sdpa"
+    return values
+
+
+def fp8_kind(plan: Plan) -> str:
+    if plan.device != "cuda":
+        return "CPU emulation"
+    capability = torch.cuda.get_device_capability()
+    return "torch._scaled_mm" if capability >= (9, 0) else f"dequantised fallback on sm{capability[0]}{capability[1]}"
+
+
+def dit_rows(plan: Plan, fast_attention: str) -> list[tuple[str, str, dict[str, Any], str | None]]:
+    """(row, backend, prepare options, skip reason) in run order; later rows build on the earlier ones."""
+    no_triton, no_fp8 = triton_skip(plan, fp8=False), triton_skip(plan, fp8=True)
+    return [
+        ("dit eager sdpa", "eager", {"attention": "sdpa"}, None),
+        ("dit eager triton", "eager", {"attention": "triton"}, no_triton),
+        ("dit eager fp8 linears", "eager", {"attention": fast_attention, "fp8": True}, None),
+        ("dit eager fp8 linears + fp8 attention", "eager", {"attention": "triton_fp8", "fp8": True}, no_fp8),
+    ]
+
+
+def dit_section(report: Report, state: dict[str, Any]) -> None:
+    """The eager rows; afterwards the model keeps FP8 linears and the faster of the two FP8 rows' attention."""
+    plan = report.plan
+    fast_attention = "triton" if triton_skip(plan, fp8=False) is None else "sdpa"
+    state["fast_attention"] = fast_attention
+    for name, backend, options, skip in dit_rows(plan, fast_attention):
+        report.run(name, lambda b=backend, o=options: measure_dit(plan, state, b, **o), skip)
+    candidates = {
+        fast_attention: report.rows["dit eager fp8 linears"],
+        "triton_fp8": report.rows["dit eager fp8 linears + fp8 attention"],
+    }
+    timed = {impl: row.seconds for impl, row in candidates.items() if row.status == "ok" and row.seconds}
+    if "dit" in state and timed and quantized_layer_names(state["dit"]):
+        state["dit"].attention_impl = min(timed, key=timed.get)
+        state["dit_fast"] = state["dit"]
+
+
+def dit_compiled_row(report: Report, state: dict[str, Any]) -> None:
+    plan = report.plan
+    skip = None if "dit" in state else "no generator (an earlier DiT row failed)"
+    options = {"attention": state.get("fast_attention", "sdpa"), "fp8": True}
+    report.run(
+        "dit compiled fp8 linears",
+        lambda: measure_dit(plan, state, "compiled", **options),
+        skip,
+        plan.compile_reserve_s,
+    )
+    if report.rows["dit compiled fp8 linears"].status == "ok":
+        state["dit_fast"] = state["dit"]
+    else:
+        state.pop("dit_fast", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# VAE decode
+
+
+VAE_VARIANTS = {  # row prefix -> (light decoder, channels-last, compiled)
+    "vae wan": (False, False, False),
+    "vae wan channels-last": (False, True, False),
+    "vae wan compiled": (False, False, True),
+    "vae wan-light": (True, False, False),
+    "vae wan-light channels-last compiled": (True, True, True),
+}
+
+
+def build_vae(plan: Plan, light: bool, channels_last: bool, compiled: bool) -> CausalVAE:
+    torch.manual_seed(0)
+    config = plan.vae_light if light else plan.model.vae
+    with torch.device(plan.device):
+        vae = CausalVAE(config)
+    vae = vae.to(plan.dtype).eval().requires_grad_(False)
+    backend, extra = ("compiled", {"compiler": plan.compiler}) if compiled else ("eager", {})
+    return prepare(vae, backend, channels_last=channels_last, **extra)
+
+
+def to_host_uint8(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8 on the host, as the server hands frames to the encoder."""
+    pixels = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 4, 1).cpu()
+
+
+def decode_chunked(vae: CausalVAE, latent: torch.Tensor, on_first: Callable[[], None] | None = None) -> torch.Tensor:
+    cache, videos = vae.init_decode_cache(), []
+    for index in range(latent.shape[2]):
+        video, cache = vae.decode_chunk(latent[:, :, index : index + 1], cache)
+        to_host_uint8(video)
+        videos.append(video)
+        if index == 0 and on_first is not None:
+            on_first()
+    return torch.cat(videos, dim=2)
+
+
+def decode_whole(vae: CausalVAE, latent: torch.Tensor) -> torch.Tensor:
+    video = vae.decode(latent)
+    to_host_uint8(video)
+    return video
+
+
+def vae_latent(plan: Plan) -> torch.Tensor:
+    g = torch.Generator(device=plan.device).manual_seed(2)
+    latents = plan.model.vae.latents_for_frames(plan.frames)
+    shape = (1, plan.model.vae.latent_channels, latents, plan.height // 8, plan.width // 8)
+    return torch.randn(shape, device=plan.device, generator=g).to(plan.dtype)
+
+
+def measure_vae(plan: Plan, state: dict[str, Any], prefix: str, mode: str) -> dict[str, Any]:
+    key = f"vae:{prefix}"
+    if key not in state:
+        state[key] = build_vae(plan, *VAE_VARIANTS[prefix])
+    vae, latent = state[key], state.setdefault("latent", vae_latent(plan))
+    decode = decode_chunked if mode == "chunked" else decode_whole
+    with torch.inference_mode():
+        seconds, first, video = time_call(lambda: decode(vae, latent), plan.device, plan.warmup, plan.repeats)
+    shape = "x".join(str(s) for s in latent.shape[2:])
+    values: dict[str, Any] = {"seconds": seconds, "note": f"latent {shape}; first call {first:.2f} s"}
+    light, channels_last, compiled = VAE_VARIANTS[prefix]
+    reference_key = f"vae_reference:{light}"  # same light flag: same weights (seeded)
+    if not (channels_last or compiled) and mode == "chunked":
+        state[reference_key] = video
+    elif reference_key in state:
+        values["error"] = relative_error(video, state[reference_key])
+        values["note"] += "; error vs the eager chunked decode"
+    return values
+
+
+def vae_section(report: Report, state: dict[str, Any], compiled: bool) -> None:
+    for prefix, (_, _, is_compiled) in VAE_VARIANTS.items():
+        if is_compiled != compiled:
+            continue
+        for mode in ("chunked", "whole"):
+            name = f"{prefix} {mode}"
+            if name in ROWS:
+                reserve = report.plan.compile_reserve_s if compiled else 0.0
+                report.run(name, lambda p=prefix, m=mode: measure_vae(report.plan, state, p, m), reserve_s=reserve)
+        if not compiled and prefix != "vae wan-light":  # keep the light eager decoder for end to end
+            state.pop(f"vae:{prefix}", None)
+            _free_memory(report.plan.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# End to end and memory
+
+
+def measure_e2e(plan: Plan, dit: MMDiT, vae: CausalVAE) -> dict[str, Any]:
+    z, t, text, mask = dit_inputs(plan)
+    first_chunk: list[float] = []
+
+    def run() -> None:
+        start = time.perf_counter()
+
+        def mark() -> None:
+            _sync(plan.device)
+            first_chunk.append(time.perf_counter() - start)
+
+        latent = z - dit(z, t, text, mask)  # x0 = z - v(z, t=1)
+        decode_chunked(vae, latent, on_first=mark)
+
+    with torch.inference_mode():
+        seconds, _, _ = time_call(run, plan.device, plan.warmup, plan.repeats)
+    clip_s = (plan.frames - 1) / plan.model.fps
+    note = (
+        f"{plan.width}x{plan.height}x{plan.frames}, attention {dit.attention_impl}, text encode excluded; "
+        f"first chunk on host after "
+        f"{statistics.median(first_chunk):.3f} s; realtime factor {clip_s / seconds:.2f} ({clip_s:.2f} s of video)"
+    )
+    return {"seconds": seconds, "note": note}
+
+
+def e2e_row(report: Report, state: dict[str, Any], name: str, vae_key: str) -> None:
+    dit, vae = state.get("dit_fast"), state.get(vae_key)
+    skip = None if dit is not None and vae is not None else "needs the DiT and VAE rows it builds on"
+    report.run(name, lambda: measure_e2e(report.plan, dit, vae), skip)
+
+
+def peak_memory_row(report: Report) -> None:
+    rows = [r.peak_gib for r in report.rows.values() if r.peak_gib is not None]
+
+    def measure() -> dict[str, Any]:
+        if report.plan.device == "cuda":
+            return {"peak_gib": max(rows) if rows else None, "note": "max over rows of torch.cuda.max_memory_allocated"}
+        rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB  # Linux reports KiB
+        return {"peak_gib": rss_gib, "note": "CPU: process peak resident set size"}
+
+    report.run("peak memory", measure)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Table and main
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def print_table(report: Report) -> None:
+    info = report.machine
+    device = info.get("gpu", f"CPU ({info['cpu']}, {info['threads']} threads)")
+    print(
+        f"{device}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}; "
+        f"{info['date']}; {info['dtype']}; {time.perf_counter() - report.start:.0f} s"
+    )
+    print()
+    print("| row | seconds | TFLOP/s | of matmul peak | rel. error | peak GiB | notes |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for row in report.rows.values():
+        notes = row.note if row.status == "ok" else f"{row.status}: {row.reason}"
+        cells = [
+            row.name,
+            _fmt(row.seconds, ".4f" if report.plan.tiny else ".3f"),
+            _fmt(row.tflops, ".3g"),
+            _fmt(row.peak_fraction, ".0%"),
+            _fmt(row.error, ".2e"),
+            _fmt(row.peak_gib, ".1f"),
+            notes.replace("|", "/"),
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU, tiny shapes (what CI runs)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows here as JSON")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip rows that would start after this")
+    parser.add_argument("--only", default="", help="comma-separated substrings of the row names to run")
+    parser.add_argument("--compiler", default=None, help="torch.compile backend (default: inductor; tiny: aot_eager)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (on a busy machine 1 beats 2)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Report:
+    args = parse_args(argv)
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --tiny for the CPU version")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compiler = args.compiler or ("aot_eager" if args.tiny else "inductor")
+    plan = tiny_plan(compiler) if args.tiny else full_plan(compiler)
+    torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithm per VAE shape, as a server would
+    budget = args.budget_s if args.budget_s is not None else (100.0 if args.tiny else 420.0)
+    only = [part.strip() for part in args.only.split(",") if part.strip()]
+    report = Report(plan, budget, only, args.json, machine_info(plan))
+    run_all(report)
+    print_table(report)
+    report.write_json()
+    return report
+
+
+def run_all(report: Report) -> None:
+    """Cheap rows first, compiled rows last; each section frees what the next does not need."""
+    plan, state = report.plan, {}
+    report.run("matmul", lambda: measure_matmul(plan))
+    report.peak_tflops = report.rows["matmul"].tflops
+    attention_section(report)
+    dit_section(report, state)
+    vae_section(report, state, compiled=False)
+    e2e_row(report, state, "e2e eager fast path", "vae:vae wan-light")
+    state.pop("vae:vae wan-light", None)
+    dit_compiled_row(report, state)
+    vae_section(report, state, compiled=True)
+    e2e_row(report, state, "e2e compiled fast path", "vae:vae wan-light channels-last compiled")
+    state.clear()
+    _free_memory(plan.device)
+    peak_memory_row(report)
+
+
+if __name__ == "__main__":
+    main()

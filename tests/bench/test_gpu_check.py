@@ -1,0 +1,66 @@
+"""bench/gpu_check.py --tiny runs the whole one-shot GPU check on the CPU: every row is measured or says why not."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The rows docs/PERF.md reports, in table order.
+EXPECTED_ROWS = [
+    "matmul",
+    "attention sdpa",
+    "attention triton",
+    "attention triton_fp8",
+    "dit eager sdpa",
+    "dit eager triton",
+    "dit eager fp8 linears",
+    "dit eager fp8 linears + fp8 attention",
+    "dit compiled fp8 linears",
+    "vae wan chunked",
+    "vae wan whole",
+    "vae wan channels-last chunked",
+    "vae wan channels-last whole",
+    "vae wan compiled chunked",
+    "vae wan compiled whole",
+    "vae wan-light chunked",
+    "vae wan-light whole",
+    "vae wan-light channels-last compiled chunked",
+    "e2e eager fast path",
+    "e2e compiled fast path",
+    "peak memory",
+]
+NEEDS_CUDA = {"attention triton", "attention triton_fp8", "dit eager triton", "dit eager fp8 linears + fp8 attention"}
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def test_tiny_gpu_check_reports_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    # One thread: on a shared 2-core machine two OpenMP threads can be 10x slower than one.
+    cmd = [sys.executable, "bench/gpu_check.py", "--tiny", "--threads", "1", "--budget-s", "600", "--json", str(out)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=540)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| row | seconds | TFLOP/s |" in result.stdout
+
+    data = json.loads(out.read_text())
+    rows = {row["name"]: row for row in data["rows"]}
+    assert list(rows) == EXPECTED_ROWS
+    assert data["machine"]["device"] == "cpu" and data["machine"]["torch"]
+    for name, row in rows.items():
+        if name in NEEDS_CUDA:
+            assert row["status"] == "skipped" and "needs CUDA" in row["reason"], row
+        else:
+            assert row["status"] == "ok", row
+            assert any(_number(row[key]) for key in ("seconds", "peak_gib")), row
+
+    assert _number(rows["matmul"]["tflops"]) and _number(rows["dit eager sdpa"]["peak_fraction"])
+    assert rows["attention sdpa"]["error"] < 1e-5  # fp32 SDPA against the fp32 reference
+    assert 1e-3 < rows["dit eager fp8 linears"]["error"] < 4e-2  # the FP8 emulation really ran
+    for name in ("vae wan whole", "vae wan channels-last chunked", "vae wan channels-last whole"):
+        assert rows[name]["error"] < 1e-5, name  # fp32: layouts and chunking agree
+    assert rows["vae wan compiled chunked"]["error"] < 1e-5

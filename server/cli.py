@@ -14,8 +14,12 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate one clip to an MP4 file")
     p.add_argument("prompt", help="text prompt")
     p.add_argument("-o", "--output", type=Path, default=Path("out.mp4"), help="MP4 file to write (default out.mp4)")
-    p.add_argument("--model", default=None, help="checkpoint folder, name under models/, or preset (default: "
-                   "models/shapes-apt-tiny when present, else the random-weight tiny preset)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder, name under models/, or preset (default: "
+        "models/shapes-apt-tiny when present, else the random-weight tiny preset)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT, multiples of 16 (default: the model's)")
     p.add_argument("--seconds", type=float, default=2.0, help="clip length; frames = 4*latents - 3 (2 s -> 49)")

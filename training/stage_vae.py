@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from engines.config import MODEL_PRESETS
-from engines.loading import save_checkpoint
+from engines.loading import load_components, save_checkpoint
 from engines.vae import VAE_PRESETS, CausalVAE
 from training.common import RunDir, Trainer, infinite, seed_everything
 from training.data import ShapesDataset
@@ -26,6 +26,7 @@ class VAEStageConfig:
     out: str = "runs/vae"
     export: str = "models/shapes-vae-tiny"
     preset: str = "tiny"  # VAE preset to train
+    init: str | None = None  # a checkpoint folder to continue from (e.g. the shipped VAE) instead of scratch
     model: str = "tiny"  # model preset whose generator config the exported folder carries
     steps: int = 4000
     batch_size: int = 8
@@ -91,10 +92,21 @@ def export(vae: CausalVAE, cfg: VAEStageConfig) -> Path:
     return save_checkpoint(cfg.export, config, {"vae": exported})
 
 
+def initial_vae(cfg: VAEStageConfig) -> CausalVAE:
+    if cfg.init is None:
+        vae = CausalVAE(VAE_PRESETS[cfg.preset])
+        vae.init_weights()
+        return vae
+    _, modules = load_components(cfg.init, ("vae",))
+    # Training works on raw latents; the statistics are measured again at export.
+    vae = CausalVAE(dataclasses.replace(modules["vae"].config, latent_mean=0.0, latent_std=1.0))
+    vae.load_state_dict(modules["vae"].state_dict())
+    return vae.train()
+
+
 def train_vae(cfg: VAEStageConfig, progress: bool = True) -> Path:
     seed_everything(cfg.seed)
-    vae = CausalVAE(VAE_PRESETS[cfg.preset])
-    vae.init_weights()
+    vae = initial_vae(cfg)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     run = RunDir(cfg.out)
 

@@ -77,6 +77,15 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
     train_vae(vae_cfg, progress=False)
     config, _ = load_components(tmp_path / "vae-ckpt", ("vae",))
     assert config.vae.latent_std > 0 and len(rows(tmp_path / "vae")) == 2
+    more = dataclasses.replace(
+        vae_cfg,
+        out=str(tmp_path / "vae2"),
+        export=str(tmp_path / "vae2-ckpt"),
+        steps=1,
+        init=str(tmp_path / "vae-ckpt"),
+    )
+    train_vae(more, progress=False)  # continues from the exported VAE
+    assert load_components(tmp_path / "vae2-ckpt", ("vae",))[0].vae.latent_std > 0
 
     common = {"latents": str(tmp_path / "latents.pt"), "log_every": 1, "checkpoint_every": 1}
     diffusion = DiffusionStageConfig(

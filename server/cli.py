@@ -137,6 +137,30 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="score systems on held-out prompts: adherence, Frechet distance, sharpness")
+    p.add_argument("--config", type=Path, default=None, help="JSON eval config (see training/configs/eval_tiny.json)")
+    p.add_argument("--prompts", type=int, default=None, help="number of held-out prompts")
+    p.add_argument("--out", default=None, help="markdown table to write")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.common import load_stage_config
+    from training.eval import EvalConfig
+    from training.eval import run_eval as evaluate
+
+    cfg = load_stage_config(EvalConfig, args.config, {"prompts": args.prompts, "out": args.out})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log.info("wrote %s", evaluate(cfg, progress=not args.no_progress))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aptserve", description="One-step text-to-video: generate, serve, bench.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -144,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(subparsers)
     add_serve_parser(subparsers)
     add_train_parser(subparsers)
+    add_eval_parser(subparsers)
     return parser
 
 

@@ -93,6 +93,9 @@ class Services:
         )
 
     def submit(self, request: EngineRequest, force: bool = False) -> Ticket:
+        if self.worker.load_error is not None:
+            self.metrics.error("engine")
+            raise APIError(503, f"The model failed to load: {self.worker.load_error}", "model_unavailable")
         ticket = Ticket(request, asyncio.get_running_loop())
         try:
             self.scheduler.submit(ticket, force=force)

@@ -136,3 +136,22 @@ def test_metrics_carry_every_design_metric_and_parse(client):
     assert "/v1/videos/{video_id}" in routes and all(r is None or r.startswith("/") or r == "other" for r in routes)
     assert families["aptserve_frames_generated"].samples[0].value >= 25
     assert families["aptserve_device_memory_bytes"].samples[0].value > 0
+
+
+def test_a_model_that_fails_to_load_is_reported_not_queued(tmp_path):
+    from engines.config import MODEL_PRESETS
+    from engines.loading import random_model, save_checkpoint
+
+    tiny = random_model(MODEL_PRESETS["tiny"])
+    folder = save_checkpoint(tmp_path / "broken", tiny.config, {"dit": tiny.dit, "vae": tiny.vae})
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    app = create_app(make_settings(tmp_path, model=str(folder)))
+    with TestClient(app) as client:
+        for _ in range(200):
+            if app.state.services.worker.load_error is not None:
+                break
+            __import__("time").sleep(0.05)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        response = client.post("/v1/videos", json={"prompt": "x"})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"

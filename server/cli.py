@@ -143,6 +143,13 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=int, default=None, help="number of held-out prompts")
     p.add_argument("--out", default=None, help="markdown table to write")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--systems",
+        nargs="+",
+        default=(),
+        metavar="NAME",
+        help="generate only these systems (by name); the others come from the cache or are skipped",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_eval)
 
@@ -157,7 +164,7 @@ def run_eval(args: argparse.Namespace) -> int:
     cfg = load_stage_config(EvalConfig, args.config, {"prompts": args.prompts, "out": args.out})
     if args.threads:
         torch.set_num_threads(args.threads)
-    log.info("wrote %s", evaluate(cfg, progress=not args.no_progress))
+    log.info("wrote %s", evaluate(cfg, progress=not args.no_progress, only=tuple(args.systems)))
     return 0
 
 

@@ -8,6 +8,7 @@ Every system sees the same prompts and seeds. The prompts are the held-out attri
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -94,6 +95,7 @@ class EvalConfig:
     sheet_prompts: int = 4
     links_relative_to: str = "docs"  # image links in the markdown are relative to where it will be merged
     device: str = "cpu"
+    cache: str = "runs/eval/systems"  # per-system results, keyed by everything they depend on; "" disables
 
     def __post_init__(self) -> None:
         systems = tuple(s if isinstance(s, SystemSpec) else _system_from_dict(s) for s in self.systems)
@@ -542,15 +544,78 @@ def markdown(cfg: EvalConfig, report: dict) -> str:
 # Entry point
 
 
-def write_sheet(cfg: EvalConfig, name: str, clips_set: ClipSet) -> str:
-    path = write_png(Path(cfg.sheets) / f"{slug(name)}.png", contact_sheet(clips_set.sheet))
+def write_sheet(cfg: EvalConfig, name: str, rows: list[np.ndarray]) -> str:
+    path = write_png(Path(cfg.sheets) / f"{slug(name)}.png", contact_sheet(rows))
     return os.path.relpath(path, cfg.links_relative_to)
 
 
-def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
-    """Generate the held-out prompts with every system, score them, write the table; returns the table's path."""
+def model_fingerprint(model: str) -> str:
+    """sha256 over a checkpoint folder's files (names and bytes); a preset name stands for itself."""
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class SystemCache:
+    """A system's summary and contact-sheet frames, stored under a key of everything they depend on: the system,
+    the checkpoint's bytes, the prompts, sizes and batch, the classifier. Re-running an evaluation after one
+    model changed regenerates only the systems of that model."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.root = Path(cfg.cache) if cfg.cache else None
+        self.common = {
+            "version": 1,
+            "prompts": cfg.prompts,
+            "seed": cfg.seed,
+            "size": cfg.size,
+            "seconds": cfg.seconds,
+            "batch_size": cfg.batch_size,
+            "sheet_prompts": cfg.sheet_prompts,
+            "classifier": classifier_key(cfg),
+            "device": cfg.device,
+        }
+        self.fingerprints: dict[str, str] = {}
+
+    def _path(self, system: SystemSpec) -> Path | None:
+        if self.root is None:
+            return None
+        if system.model not in self.fingerprints:
+            self.fingerprints[system.model] = model_fingerprint(system.model)
+        key = {**self.common, "system": asdict(system), "model": self.fingerprints[system.model]}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.root / f"{slug(system.name)}-{digest}"
+
+    def load(self, system: SystemSpec) -> tuple[dict, np.ndarray] | None:
+        path = self._path(system)
+        if path is None or not path.with_suffix(".json").is_file() or not path.with_suffix(".npy").is_file():
+            return None
+        return json.loads(path.with_suffix(".json").read_text()), np.load(path.with_suffix(".npy"))
+
+    def store(self, system: SystemSpec, summary: dict, sheet: np.ndarray) -> None:
+        path = self._path(system)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path.with_suffix(".npy"), sheet)
+        path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run_eval(cfg: EvalConfig, progress: bool = True, only: tuple[str, ...] = ()) -> Path:
+    """Generate the held-out prompts with every system, score them, write the table; returns the table's path.
+    `only` names the systems to (re)generate when their cached results are stale; the others are reported from
+    the cache when it holds them and skipped otherwise."""
     from tqdm import tqdm
 
+    unknown = set(only) - {s.name for s in cfg.systems}
+    if unknown:
+        raise ValueError(f"eval: no such systems {sorted(unknown)}; the config has {[s.name for s in cfg.systems]}")
     specs = eval_specs(cfg.prompts, cfg.seed)
     seeds = generation_seeds(cfg.prompts, cfg.seed)
     model, stats = load_or_train_classifier(cfg, progress)
@@ -568,19 +633,32 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> Path:
         "sheets": {},
     }
     if cfg.sheet_prompts:
-        report["sheets"]["real"] = write_sheet(cfg, "real", real)
-    pipelines = PipelineCache(cfg.device)
+        report["sheets"]["real"] = write_sheet(cfg, "real", real.sheet)
+    pipelines, cache = PipelineCache(cfg.device), SystemCache(cfg)
     for system in cfg.systems:
-        pipeline = pipelines.get(system.model)
-        if isinstance(pipeline, str):
-            log.warning("skipping %s: %s", system.name, pipeline)
-            report["skipped"][system.name] = pipeline
+        cached = cache.load(system)
+        if cached is None and only and system.name not in only:
+            report["skipped"][system.name] = "not selected, and no cached result for its current checkpoint"
             bar.update(cfg.prompts)
             continue
-        clips_set = generate_set(pipeline, system, specs, seeds, model, cfg, bar)
-        report["systems"][system.name] = summarise(clips_set, real)
-        if cfg.sheet_prompts:
-            report["sheets"][system.name] = write_sheet(cfg, system.name, clips_set)
+        if cached is not None:
+            log.info("%s: cached result for this checkpoint", system.name)
+            summary, sheet = cached
+            bar.update(cfg.prompts)
+        else:
+            pipeline = pipelines.get(system.model)
+            if isinstance(pipeline, str):
+                log.warning("skipping %s: %s", system.name, pipeline)
+                report["skipped"][system.name] = pipeline
+                bar.update(cfg.prompts)
+                continue
+            clips_set = generate_set(pipeline, system, specs, seeds, model, cfg, bar)
+            summary = summarise(clips_set, real)
+            sheet = np.stack(clips_set.sheet) if clips_set.sheet else np.zeros((0,), np.uint8)
+            cache.store(system, summary, sheet)
+        report["systems"][system.name] = summary
+        if cfg.sheet_prompts and len(sheet):
+            report["sheets"][system.name] = write_sheet(cfg, system.name, list(sheet))
     bar.close()
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from training.eval import (
     SystemSpec,
     frechet_distance,
     frechet_from_moments,
+    model_fingerprint,
     run_eval,
     sharpness_ratio,
     write_png,
@@ -148,3 +149,50 @@ def test_run_eval_smoke(tmp_path, monkeypatch):
     again = run_eval(dataclasses.replace(cfg, systems=cfg.systems[2:]), progress=False)
     assert classifier.stat().st_mtime_ns == trained_at  # the cached classifier, not a retrained one
     assert json.loads(again.with_suffix(".json").read_text())["real"] == report["real"]
+
+
+def test_system_cache_reuses_results_until_the_checkpoint_changes(tmp_path, monkeypatch):
+    from engines.config import MODEL_PRESETS
+    from engines.loading import random_model, save_checkpoint
+    from training import eval as evaluation
+
+    monkeypatch.chdir(tmp_path)
+    config = MODEL_PRESETS["tiny"]
+    save_checkpoint(
+        "models/a", config, {"dit": random_model(config, seed=1).dit, "vae": random_model(config, seed=1).vae}
+    )
+    cfg = EvalConfig(
+        systems=(SystemSpec("a 1 step", "models/a", 1), SystemSpec("preset", "tiny", 1)),
+        prompts=2,
+        size="32x32",
+        seconds=0.5,
+        batch_size=2,
+        real_clips=8,
+        classifier_epochs=1,
+        classifier_batch=8,
+        sheet_prompts=1,
+    )
+    first = json.loads(run_eval(cfg, progress=False).with_suffix(".json").read_text())
+    fingerprint = model_fingerprint("models/a")
+    assert len(fingerprint) == 64 and model_fingerprint("tiny") == "tiny"
+
+    generated = []
+    real_get = evaluation.PipelineCache.get
+    monkeypatch.setattr(
+        evaluation.PipelineCache, "get", lambda self, model: generated.append(model) or real_get(self, model)
+    )
+    again = json.loads(run_eval(cfg, progress=False).with_suffix(".json").read_text())
+    assert generated == [] and again["systems"] == first["systems"]  # everything from the cache
+    assert (tmp_path / "docs" / "quality" / "a-1-step.png").is_file()
+
+    save_checkpoint(
+        "models/a", config, {"dit": random_model(config, seed=2).dit, "vae": random_model(config, seed=2).vae}
+    )  # new weights, same folder
+    assert model_fingerprint("models/a") != fingerprint
+    only = json.loads(run_eval(cfg, progress=False, only=("preset",)).with_suffix(".json").read_text())
+    assert generated == [] and set(only["systems"]) == {"preset"}  # the stale system is not regenerated ...
+    assert "not selected" in only["skipped"]["a 1 step"]
+    run_eval(cfg, progress=False)
+    assert generated == ["models/a"]  # ... until it is asked for
+    with pytest.raises(ValueError, match="no such systems"):
+        run_eval(cfg, progress=False, only=("nope",))

@@ -108,7 +108,7 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
     )
     model = MMDiT(DIT_PRESETS[cfg.dit])
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
-    ema = EMA(model, cfg.ema_decay)
+    ema = EMA(model, cfg.ema_decay, warmup=True)  # from random weights: no share of the init
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     run = RunDir(cfg.out)
 

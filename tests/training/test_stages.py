@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,3 +159,31 @@ def test_cli_resumes_after_being_killed(tmp_path):
     assert f"resumed {out} at step {saved}" in result.stderr
     assert [int(r["step"]) for r in rows(out)][-1] == saved + 3
     assert (tmp_path / "ckpt" / "config.json").exists()
+
+
+def test_ema_warmup_forgets_the_initialisation():
+    module = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        module.weight.fill_(0.0)
+    ema = EMA(module, decay=0.999, warmup=True)
+    decays = []
+    with torch.no_grad():
+        module.weight.fill_(1.0)
+    for _ in range(2000):
+        decays.append(ema.current_decay())
+        ema.update(module)
+    assert (
+        decays[0] == pytest.approx(0.1)
+        and decays[90] == pytest.approx(91 / 100)
+        and decays[-1] == pytest.approx(2000 / 2009)
+    )
+    init_share = float(np.prod(decays))  # what is left of the initial weights
+    assert init_share < 1e-6 and ema.shadow["weight"].sub(1.0).abs().max() < 1e-6
+    plain = EMA(module, decay=0.999)
+    assert plain.current_decay() == 0.999
+    state = ema.state_dict()
+    assert state["updates"] == 2000 and state["warmup"] is True
+    legacy = {k: v for k, v in state.items() if k not in ("updates", "warmup")}  # saved before the count existed
+    restored = EMA(module, decay=0.999, warmup=True)
+    restored.load_state_dict(legacy)
+    assert restored.updates == 0 and restored.current_decay() == pytest.approx(0.1)  # the warm-up restarts

@@ -69,12 +69,29 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"checkpoint {folder}: bad {CONFIG_NAME}: {exc}") from exc
 
 
-def save_checkpoint(path: str | os.PathLike, config: ModelConfig, modules: dict[str, nn.Module]) -> Path:
-    """Write config.json and one safetensors file whose keys are prefixed by component ("dit.", "vae.")."""
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    try:
+        return STORAGE_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown storage dtype {name!r}; choose one of {sorted(STORAGE_DTYPES)}") from None
+
+
+def save_checkpoint(
+    path: str | os.PathLike, config: ModelConfig, modules: dict[str, nn.Module], dtype: torch.dtype | None = None
+) -> Path:
+    """Write config.json and one safetensors file whose keys are prefixed by component ("dit.", "vae.").
+    `dtype` stores floating-point tensors in that precision (float16 halves the file); loading casts them to
+    whatever dtype the model is loaded in."""
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
-        f"{name}.{key}": value.detach().contiguous().cpu()
+        f"{name}.{key}": value.detach()
+        .to(dtype if dtype and value.is_floating_point() else value.dtype)
+        .contiguous()
+        .cpu()
         for name, module in modules.items()
         for key, value in module.state_dict().items()
     }

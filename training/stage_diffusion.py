@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from engines.config import ModelConfig
 from engines.dit import DIT_PRESETS, MMDiT
-from engines.loading import load_components, load_text_encoder, save_checkpoint
+from engines.loading import load_components, load_text_encoder, save_checkpoint, storage_dtype
 from engines.sampling import add_noise, shift
 from training.common import EMA, RunDir, Trainer, seed_everything
 from training.latents import LatentSet, precompute
@@ -45,6 +45,7 @@ class DiffusionStageConfig:
     guidance_scale: float = 5.0  # written into the exported config for many-step sampling
     sample_steps: int = 25
     sample_shift: float = 3.0
+    export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 25
@@ -98,10 +99,11 @@ def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig) -> Path:
         sample_shift=cfg.sample_shift,
         default_size=(cfg.width, cfg.height),
     )
-    return save_checkpoint(cfg.export, config, {"dit": model, "vae": modules["vae"]})
+    return save_checkpoint(cfg.export, config, {"dit": model, "vae": modules["vae"]}, storage_dtype(cfg.export_dtype))
 
 
 def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
+    storage_dtype(cfg.export_dtype)  # a bad name fails now, not at export
     seed_everything(cfg.seed)
     latents = ensure_latents(
         cfg.latents, cfg.vae, cfg.latent_clips, cfg.latent_seed, cfg.frames, cfg.height, cfg.width, progress

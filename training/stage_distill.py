@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.dit import MMDiT
-from engines.loading import load_components, save_checkpoint
+from engines.loading import load_components, save_checkpoint, storage_dtype
 from engines.sampling import add_noise, timesteps
 from training.common import EMA, RunDir, Trainer, seed_everything
 from training.latents import LatentSet
@@ -33,6 +33,7 @@ class DistillStageConfig:
     guidance_scale: float | None = None  # None: the teacher's own; APT.md uses 7.5 at their scale
     num_timesteps: int = 32  # discretisation of the shifted schedule (APT2 used 32)
     schedule_shift: float = 3.0
+    export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     target_ema: float = 0.0  # 0: the target is the student itself without gradient (APT2: no EMA target)
     seed: int = 0
     checkpoint_every: int = 250
@@ -66,6 +67,7 @@ def distill_loss(student, target, teacher, latents: LatentSet, cfg: DistillStage
 
 
 def train_distill(cfg: DistillStageConfig, progress: bool = True) -> Path:
+    storage_dtype(cfg.export_dtype)  # a bad name fails now, not at export
     seed_everything(cfg.seed)
     config, modules = load_components(cfg.teacher)
     teacher = modules["dit"].requires_grad_(False)
@@ -113,4 +115,4 @@ def train_distill(cfg: DistillStageConfig, progress: bool = True) -> Path:
         log.info("stopped at step %d; run the same command again to resume", trainer.step)
         return run.path
     export = dataclasses.replace(config, name=Path(cfg.export).name, default_steps=1, guidance_scale=1.0)
-    return save_checkpoint(cfg.export, export, {"dit": student, "vae": modules["vae"]})
+    return save_checkpoint(cfg.export, export, {"dit": student, "vae": modules["vae"]}, storage_dtype(cfg.export_dtype))

@@ -5,7 +5,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engines.config import MODEL_PRESETS, ModelConfig
-from engines.loading import CheckpointError, load_checkpoint, load_model, random_model, resolve_model, save_checkpoint
+from engines.loading import (
+    CheckpointError,
+    load_checkpoint,
+    load_model,
+    random_model,
+    resolve_model,
+    save_checkpoint,
+    storage_dtype,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +36,22 @@ def test_round_trip_preserves_config_and_every_tensor(checkpoint, tiny):
             assert torch.equal(expected[key], got[key]), key
             assert got[key].device.type == "cpu"
     assert load_model(str(checkpoint)).source == str(checkpoint)
+
+
+def test_float16_storage_halves_the_file_and_loads_in_float32(checkpoint, tiny, tmp_path):
+    half = save_checkpoint(tmp_path / "half", tiny.config, {"dit": tiny.dit, "vae": tiny.vae}, storage_dtype("float16"))
+    stored = load_file(str(half / "model.safetensors"))
+    assert {v.dtype for v in stored.values() if v.is_floating_point()} == {torch.float16}
+    size = (half / "model.safetensors").stat().st_size
+    assert size < 0.51 * (checkpoint / "model.safetensors").stat().st_size
+    loaded = load_checkpoint(half)
+    for name in ("dit", "vae"):
+        expected = getattr(tiny, name).state_dict()
+        for key, value in getattr(loaded, name).state_dict().items():
+            assert value.dtype == expected[key].dtype  # loaded in the model's dtype, not the storage's
+            torch.testing.assert_close(value, expected[key], rtol=1e-3, atol=1e-4)  # float16 rounding only
+    with pytest.raises(ValueError, match="float16"):
+        storage_dtype("fp17")
 
 
 def test_config_round_trips_through_json():

@@ -51,6 +51,7 @@ class APTStageConfig:
     optimizer: str = "adam"  # "adam": Adam(betas=(0, alpha)), bias-corrected; "rmsprop": RMSprop(alpha)
     rmsprop_alpha: float = 0.9
     ema_decay: float = 0.995
+    ema_warmup: bool = False  # min(decay, (1 + n) / (10 + n)): for runs much shorter than 1 / (1 - decay)
     loss: str = "nonsaturating"  # or "relativistic" (APT2/SeedVR2), which adds approximated R2 on fakes
     use_r1: bool = True  # the ablation switch: without it D wins and G collapses
     r1_lambda: float = 100.0  # also the R2 weight with the relativistic loss (APT2 used 1000)
@@ -123,7 +124,7 @@ def make_parts(teacher: MMDiT, generator: MMDiT, cfg: APTStageConfig) -> APTPart
     generator.attention_impl = TRAIN_ATTENTION
     opt_g = make_optimizer(generator.parameters(), cfg.lr_g, cfg)
     opt_d = make_optimizer(disc.parameters(), cfg.lr_d, cfg)
-    return APTParts(generator, disc, EMA(generator, cfg.ema_decay), opt_g, opt_d)
+    return APTParts(generator, disc, EMA(generator, cfg.ema_decay, cfg.ema_warmup), opt_g, opt_d)
 
 
 def generate(generator: MMDiT, z: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,38 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_analyze_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("analyze", help="read colour, shape and motion of a shapes clip back from its frames")
+    p.add_argument("clips", nargs="+", type=Path, help="MP4 files")
+    p.add_argument("--prompt", default=None, help="score the reading against the attributes this prompt names")
+    p.set_defaults(func=run_analyze)
+
+
+def run_analyze(args: argparse.Namespace) -> int:
+    """One JSON line per clip: the analyzer's reading and, with --prompt, whether each named attribute matches.
+    Exits 1 when a clip misses an attribute its prompt names."""
+    import dataclasses
+    import json
+
+    import av
+    import numpy as np
+
+    from training.analyzer import analyze, named_attributes
+
+    expected = named_attributes(args.prompt) if args.prompt else {}
+    missed = False
+    for path in args.clips:
+        with av.open(str(path)) as container:
+            frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        reading = dataclasses.asdict(analyze(frames))
+        line = {"clip": str(path), "frames": len(frames), **reading}
+        if expected:
+            line["matches"] = {name: reading[name] == value for name, value in expected.items()}
+            missed |= not all(line["matches"].values())
+        sys.stdout.write(json.dumps(line) + "\n")
+    return 1 if missed else 0
+
+
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     from server.settings import add_settings_arguments
 
@@ -176,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(subparsers)
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
+    add_analyze_parser(subparsers)
     return parser
 
 

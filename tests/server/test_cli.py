@@ -42,3 +42,35 @@ def test_bad_arguments_fail_cleanly(tmp_path):
     assert "multiples of 16" in result.stderr and "Traceback" not in result.stderr
     result = run("generate", "x", "--model", "no-such-model", check=False)
     assert result.returncode == 2 and "unknown model 'no-such-model'" in result.stderr
+
+
+def test_analyze_reads_a_clip_back_and_scores_the_prompt(tmp_path):
+    import json
+
+    import numpy as np
+
+    from server.encoding import FragmentedMP4Encoder
+    from training.data import render, spec_for
+
+    spec = spec_for(("red", "circle", "left", "black", "large", "quickly"), np.random.default_rng(0))
+    clip = tmp_path / "red.mp4"
+    with open(clip, "wb") as out, FragmentedMP4Encoder(64, 64, 24) as enc:
+        for piece in enc.write(render(spec)):
+            out.write(piece)
+        for piece in enc.close():
+            out.write(piece)
+    ok = subprocess.run(
+        [EXE, "analyze", str(clip), "--prompt", "a red circle moving left"], capture_output=True, text=True, timeout=120
+    )
+    assert ok.returncode == 0, ok.stderr
+    line = json.loads(ok.stdout)
+    assert line["frames"] == 49 and (line["colour"], line["shape"], line["motion"]) == ("red", "circle", "left")
+    assert line["matches"] == {"colour": True, "shape": True, "motion": True}
+    wrong = subprocess.run(
+        [EXE, "analyze", str(clip), "--prompt", "a blue circle growing"], capture_output=True, text=True, timeout=120
+    )
+    assert wrong.returncode == 1 and json.loads(wrong.stdout)["matches"] == {
+        "colour": False,
+        "shape": True,
+        "motion": False,
+    }

@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 import pytest
 
-from training.analyzer import ATTRIBUTES, adherence, analyze, degrade
+from training.analyzer import ATTRIBUTES, adherence, analyze, degrade, named_attributes
 from training.data import all_combinations, render, spec_for
 from training.eval import (
     EvalConfig,
@@ -196,3 +196,17 @@ def test_system_cache_reuses_results_until_the_checkpoint_changes(tmp_path, monk
     assert generated == ["models/a"]  # ... until it is asked for
     with pytest.raises(ValueError, match="no such systems"):
         run_eval(cfg, progress=False, only=("nope",))
+
+
+def test_named_attributes_reads_free_form_prompts():
+    assert named_attributes("a red circle moving left") == {"colour": "red", "shape": "circle", "motion": "left"}
+    full = "A large purple star shrinking slowly on a gray background"
+    assert named_attributes(full) == {
+        "colour": "purple",
+        "shape": "star",
+        "motion": "shrinking",
+        "background": "gray",
+        "size": "large",
+        "speed": "slowly",
+    }
+    assert named_attributes("something else entirely") == {}

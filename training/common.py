@@ -38,6 +38,23 @@ def load_stage_config(cls: type[C], path: str | Path | None, overrides: dict[str
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """A stage's `compute_dtype` by name; a bad name fails when the config is read, not hours into a run."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}; got {name!r}")
+    return COMPUTE_DTYPES[name]
+
+
+def autocast(name: str, device: str | torch.device = "cpu") -> torch.autocast:
+    """Mixed precision for a stage's forward passes: bfloat16 runs matmuls and convs on the CPU's AMX / AVX512-BF16
+    units (or GPU tensor cores) while weights, optimiser state and losses stay float32; float32 is a no-op."""
+    dtype = compute_dtype(name)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -15,7 +15,7 @@ from engines.config import ModelConfig
 from engines.dit import DIT_PRESETS, MMDiT
 from engines.loading import load_components, load_text_encoder, save_checkpoint, storage_dtype
 from engines.sampling import add_noise, shift
-from training.common import EMA, RunDir, Trainer, seed_everything
+from training.common import EMA, RunDir, Trainer, autocast, compute_dtype, seed_everything
 from training.latents import LatentSet, precompute
 
 log = logging.getLogger("aptserve.training.diffusion")
@@ -46,20 +46,31 @@ class DiffusionStageConfig:
     sample_steps: int = 25
     sample_shift: float = 3.0
     export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
+    compute_dtype: str = "float32"  # bfloat16: mixed-precision forward passes (AMX on the CPU), float32 weights
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 25
 
 
 def ensure_latents(
-    path: str, vae_folder: str, clips: int, seed: int, frames: int, height: int, width: int, progress: bool = True
+    path: str,
+    vae_folder: str,
+    clips: int,
+    seed: int,
+    frames: int,
+    height: int,
+    width: int,
+    progress: bool = True,
+    compute_dtype: str = "float32",
 ) -> LatentSet:
     """Load the precomputed latents, encoding them with the trained VAE first if they do not exist yet."""
     if Path(path).exists():
         return LatentSet.load(path)
     config, modules = load_components(vae_folder, ("vae",))
     encoder = load_text_encoder(config.text)
-    latents = precompute(modules["vae"], encoder, clips, seed, frames, height, width, progress=progress)
+    latents = precompute(
+        modules["vae"], encoder, clips, seed, frames, height, width, progress=progress, compute_dtype=compute_dtype
+    )
     latents.save(path)
     return latents
 
@@ -103,10 +114,19 @@ def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig) -> Path:
 
 
 def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
-    storage_dtype(cfg.export_dtype)  # a bad name fails now, not at export
+    storage_dtype(cfg.export_dtype)  # bad names fail now, not at export or after the latents are encoded
+    compute_dtype(cfg.compute_dtype)
     seed_everything(cfg.seed)
     latents = ensure_latents(
-        cfg.latents, cfg.vae, cfg.latent_clips, cfg.latent_seed, cfg.frames, cfg.height, cfg.width, progress
+        cfg.latents,
+        cfg.vae,
+        cfg.latent_clips,
+        cfg.latent_seed,
+        cfg.frames,
+        cfg.height,
+        cfg.width,
+        progress,
+        cfg.compute_dtype,
     )
     model = MMDiT(DIT_PRESETS[cfg.dit])
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
@@ -132,7 +152,8 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
             group["lr"] = lr_at(i, cfg)
         x0, text, mask = latents.batch(torch.randint(len(latents), (cfg.batch_size,)))
         text, mask = drop_text(text, mask, latents, cfg.cfg_dropout)
-        loss = flow_matching_loss(model, x0, text, mask, sample_timesteps(cfg.batch_size, cfg))
+        with autocast(cfg.compute_dtype):
+            loss = flow_matching_loss(model, x0, text, mask, sample_timesteps(cfg.batch_size, cfg))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

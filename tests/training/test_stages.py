@@ -18,7 +18,7 @@ from engines.loading import load_checkpoint, load_components, save_checkpoint
 from engines.pipeline import Pipeline
 from engines.text import CachedTextEncoder
 from engines.vae import CausalVAE
-from training.common import EMA, load_stage_config
+from training.common import EMA, autocast, load_stage_config
 from training.data import ShapesDataset, held_out_combinations, is_held_out, shapes_sample
 from training.stage_diffusion import DiffusionStageConfig, train_diffusion
 from training.stage_distill import DistillStageConfig, train_distill
@@ -64,6 +64,26 @@ def test_stage_config_rejects_unknown_keys(tmp_path):
         load_stage_config(VAEStageConfig, tmp_path / "c.json")
 
 
+def test_autocast_is_bfloat16_mixed_precision_or_a_no_op():
+    layer = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    with autocast("bfloat16"):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32  # weights stay float32
+    torch.testing.assert_close(y.float(), layer(x), atol=3e-2, rtol=3e-2)
+    with autocast("float32"):
+        assert layer(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="compute_dtype"):
+        autocast("float8")
+
+
+def test_diffusion_stage_rejects_a_bad_compute_dtype_before_encoding(tmp_path):
+    cfg = DiffusionStageConfig(out=str(tmp_path / "t"), latents=str(tmp_path / "l.pt"), compute_dtype="half")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        train_diffusion(cfg, progress=False)
+    assert not (tmp_path / "l.pt").exists()
+
+
 def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
     vae_cfg = VAEStageConfig(
         out=str(tmp_path / "vae"),
@@ -96,6 +116,7 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
         latent_clips=4,
         batch_size=2,
         steps=2,
+        compute_dtype="bfloat16",  # mixed precision: latent encoding and the training forward passes
         **common,
         **TOY,
     )

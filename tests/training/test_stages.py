@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from engines.config import MODEL_PRESETS
-from engines.loading import load_checkpoint, load_components, save_checkpoint
+from engines.loading import load_checkpoint, load_components, save_checkpoint, storage_dtype
 from engines.pipeline import Pipeline
 from engines.text import CachedTextEncoder
 from engines.vae import CausalVAE
-from training.common import EMA, autocast, load_stage_config
+from training.common import EMA, autocast, compute_dtype, load_stage_config
 from training.data import ShapesDataset, held_out_combinations, is_held_out, shapes_sample
 from training.stage_diffusion import DiffusionStageConfig, train_diffusion
 from training.stage_distill import DistillStageConfig, train_distill
@@ -62,6 +62,31 @@ def test_stage_config_rejects_unknown_keys(tmp_path):
     (tmp_path / "c.json").write_text('{"steps": 3, "stepz": 4}')
     with pytest.raises(ValueError, match="stepz"):
         load_stage_config(VAEStageConfig, tmp_path / "c.json")
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "training" / "configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_committed_config_loads_into_its_stage(path):
+    """A typo in a config fails here, not after a long-running stage has encoded its latents."""
+    import importlib
+
+    from server.cli import TRAIN_STAGES
+    from training.eval import EvalConfig
+
+    stage = path.name.split("_")[0]
+    assert stage in (*TRAIN_STAGES, "eval"), f"{path.name}: name configs <stage>_<...>.json"
+    if stage == "eval":
+        cfg = load_stage_config(EvalConfig, path)
+        assert cfg.systems
+        return
+    module_name, config_name, _ = TRAIN_STAGES[stage]
+    cfg = load_stage_config(getattr(importlib.import_module(module_name), config_name), path)
+    if hasattr(cfg, "compute_dtype"):
+        compute_dtype(cfg.compute_dtype)
+    if hasattr(cfg, "export_dtype"):
+        storage_dtype(cfg.export_dtype)
 
 
 def test_autocast_is_bfloat16_mixed_precision_or_a_no_op():

@@ -10,6 +10,7 @@ model only for the details.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def schedule_from(t0: float, steps: int, shift: float) -> list[float]:
     """The checkpoint's `steps`-interval schedule, cut at t0 (t0 itself prepended): 1 -> 0 for t0 = 1."""
     ts = [t for t in sampling.timesteps(steps, shift).tolist() if t < t0]
     return [t0, *ts]
+
+
+def guided_velocity(dit, text, mask, empty, empty_mask, scale: float) -> sampling.Velocity:
+    return sampling.guided(lambda x, t: dit(x, t, text, mask), lambda x, t: dit(x, t, empty, empty_mask), scale)
 
 
 def main() -> int:
@@ -56,11 +61,10 @@ def main() -> int:
         eps = torch.randn(x0.shape, generator=generator)
         text, mask = encoder.encode([s.caption for s in batch])
         empty, empty_mask = encoder.encode([""] * len(batch))
-        velocity = sampling.guided(lambda x, t: dit(x, t, text, mask), lambda x, t: dit(x, t, empty, empty_mask), scale)
+        velocity = guided_velocity(dit, text, mask, empty, empty_mask, scale)
         for t0 in args.t0:
-            ts = schedule_from(t0, args.steps, config.sample_shift)
             x = (1 - t0) * x0 + t0 * eps
-            for t_cur, t_next in zip(ts[:-1], ts[1:]):
+            for t_cur, t_next in itertools.pairwise(schedule_from(t0, args.steps, config.sample_shift)):
                 x = x + (t_next - t_cur) * velocity(x, torch.full((x.shape[0],), t_cur))
             hits[t0] += [adherence(analyze(clip), spec) for clip, spec in zip(to_uint8(vae.decode(x)), batch)]
     print(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,8 @@ class APTStageConfig:
     generator: str = "models/shapes-cd-tiny"  # consistency-distilled checkpoint: G starts from it
     latents: str = "runs/latents-tiny.pt"
     steps: int = 1000  # each step is one D update then one G update
-    batch_size: int = 16
+    batch_size: int = 16  # per micro-batch; each update averages `accumulate` of them
+    accumulate: int = 1  # micro-batches per D and per G update: an effective batch of batch_size * accumulate
     lr_g: float = 3e-6  # the paper's video value; small models want more (config files override)
     lr_d: float = 3e-6
     optimizer: str = "adam"  # "adam": Adam(betas=(0, alpha)), bias-corrected; "rmsprop": RMSprop(alpha)
@@ -69,7 +70,8 @@ class APTStageConfig:
         check_loss(self.loss)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr_g": self.lr_g, "lr_d": self.lr_d}
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "accumulate": self.accumulate}
+        positive |= {"lr_g": self.lr_g, "lr_d": self.lr_d}
         positive |= {"r1_sigma": self.r1_sigma, "d_shift": self.d_shift}
         positive |= {"checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
         bad = {k: v for k, v in positive.items() if not v > 0}
@@ -177,33 +179,52 @@ def d_losses(
     return losses
 
 
-def d_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, float]:
+def accumulated(micro_step: Callable[[], dict[str, torch.Tensor]], n: int) -> dict[str, float]:
+    """Run `n` micro-batches, backpropagating each one's "total" / n (so the summed gradient is that of their mean,
+    i.e. of one batch n times larger), and return every logged value averaged over them."""
+    sums: dict[str, float] = {}
+    for _ in range(n):
+        losses = micro_step()
+        (losses.pop("total") / n).backward()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.item() / n
+    return sums
+
+
+def d_micro_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, torch.Tensor]:
     real, text, mask = sample_batch(data, cfg)
     with torch.no_grad():
         fake = generate(parts.generator, torch.randn_like(real), text, mask)
     t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
     eps_fake = torch.randn_like(fake) if cfg.loss == "relativistic" else None
-    losses = d_losses(parts.disc, real, fake, text, mask, t, torch.randn_like(real), eps_fake, cfg)
+    return d_losses(parts.disc, real, fake, text, mask, t, torch.randn_like(real), eps_fake, cfg)
+
+
+def d_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, float]:
     parts.opt_d.zero_grad(set_to_none=True)
-    losses.pop("total").backward()
+    logged = accumulated(lambda: d_micro_step(parts, data, cfg), cfg.accumulate)
     parts.opt_d.step()
-    return {k: v.item() for k, v in losses.items()}
+    return logged
+
+
+def g_micro_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, torch.Tensor]:
+    real, text, mask = sample_batch(data, cfg)
+    t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
+    fake = generate(parts.generator, torch.randn_like(real), text, mask)
+    d_fake = parts.disc(fake, t, text, mask)
+    with torch.no_grad():
+        d_real = parts.disc(real, t, text, mask) if cfg.loss == "relativistic" else None
+    loss = g_adversarial_loss(d_fake, d_real, cfg.loss)
+    return {"total": loss, "g_loss": loss.detach()}
 
 
 def g_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, float]:
-    real, text, mask = sample_batch(data, cfg)
-    t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
+    parts.opt_g.zero_grad(set_to_none=True)
     with frozen(parts.disc):
-        fake = generate(parts.generator, torch.randn_like(real), text, mask)
-        d_fake = parts.disc(fake, t, text, mask)
-        with torch.no_grad():
-            d_real = parts.disc(real, t, text, mask) if cfg.loss == "relativistic" else None
-        loss = g_adversarial_loss(d_fake, d_real, cfg.loss)
-        parts.opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        parts.opt_g.step()
+        logged = accumulated(lambda: g_micro_step(parts, data, cfg), cfg.accumulate)
+    parts.opt_g.step()
     parts.ema.update(parts.generator)
-    return {"g_loss": loss.item()}
+    return logged
 
 
 def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, CausalVAE]:

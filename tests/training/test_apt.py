@@ -154,6 +154,39 @@ def test_g_step_updates_the_ema(parts, cfg):
     assert any(not torch.equal(parts.ema.shadow[k], shadow[k]) for k in shadow)
 
 
+def test_accumulated_d_gradient_is_the_gradient_of_the_whole_batch(teacher, cfg, monkeypatch):
+    """Two micro-batches of 2 give D the same gradient as one batch of 4 made of them (aR1 on)."""
+    cfg = dataclasses.replace(cfg, accumulate=2)
+    seen = []
+    real_d_losses = stage_apt.d_losses
+    monkeypatch.setattr(stage_apt, "d_losses", lambda *a: seen.append(a[1:7]) or real_d_losses(*a))
+    torch.manual_seed(0)
+    accumulated = make_parts(teacher, tiny_dit(2), cfg)
+    logged = d_step(accumulated, tiny_latents(), cfg)
+    assert len(seen) == 2
+    torch.manual_seed(0)
+    whole = make_parts(teacher, tiny_dit(2), cfg)
+    inputs = [torch.cat(parts_of) for parts_of in zip(*seen)]
+    losses = real_d_losses(whole.disc, *inputs, None, dataclasses.replace(cfg, batch_size=4))
+    losses["total"].backward()
+    for (name, a), (_, b) in zip(accumulated.disc.named_parameters(), whole.disc.named_parameters(), strict=True):
+        torch.testing.assert_close(
+            a.grad, b.grad, rtol=1e-3, atol=1e-4 * b.grad.abs().max().item(), msg=lambda m, name=name: f"{name}: {m}"
+        )
+    assert logged["r1"] == pytest.approx(losses["r1"].item(), rel=1e-4)  # logged values are micro-batch means
+
+
+def test_accumulated_g_step_runs_every_micro_batch_then_one_update(parts, cfg, monkeypatch):
+    cfg = dataclasses.replace(cfg, accumulate=3)
+    calls = []
+    real_micro = stage_apt.g_micro_step
+    monkeypatch.setattr(stage_apt, "g_micro_step", lambda *a: calls.append(1) or real_micro(*a))
+    steps = parts.opt_g.state_dict()["state"]
+    g_step(parts, tiny_latents(), cfg)
+    assert len(calls) == 3 and not steps
+    assert all(s["step"] == 1 for s in parts.opt_g.state_dict()["state"].values())  # one optimiser update
+
+
 def test_d_timesteps_are_shifted_uniform():
     t = sample_d_timesteps(1000, 12.0, torch.Generator().manual_seed(0))
     u = torch.rand(1000, generator=torch.Generator().manual_seed(0))

@@ -24,9 +24,10 @@ from training.stage_apt import APTStageConfig, d_step, make_parts
 
 def probe(cfg: APTStageConfig, data: LatentSet, steps: int) -> list[dict[str, float]]:
     torch.manual_seed(cfg.seed)
-    _, teacher = load_components(cfg.teacher, ("dit",))
+    teacher_config, teacher = load_components(cfg.teacher, ("dit",))
     _, student = load_components(cfg.generator, ("dit",))
     parts = make_parts(teacher["dit"], student["dit"], cfg)
+    data = data.normalised_as(teacher_config.vae)
     return [d_step(parts, data, cfg) for _ in range(steps)]
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines import sampling
 from engines.loading import load_components
-from training.latents import LatentSet
+from training.latents import LatentSet, renormalise
 from training.stage_apt import generate
 
 
@@ -65,6 +65,8 @@ def main() -> int:
         config, modules = load_components(name, ("dit",))
         with torch.no_grad():
             fake = sample(modules["dit"].eval(), config, noise, text, mask, data.empty_text(args.samples), args.steps)
+        # generated in the model's own latent normalisation, compared in the real latents'
+        fake = renormalise(fake, (config.vae.latent_mean, config.vae.latent_std), (data.latent_mean, data.latent_std))
         print(f"| {name} | {fake.std().item():.3f} | {difference_energy(fake):.3f} | {frame_stds(fake)} |")
     return 0
 

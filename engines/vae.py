@@ -37,6 +37,13 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _broadcastable(value: float | tuple[float, ...], like: Tensor) -> Tensor | float:
+    """A scalar as is; per-channel values as a (1, C, 1, 1, 1) tensor on `like`'s device and dtype."""
+    if isinstance(value, tuple):
+        return torch.tensor(value, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+    return value
+
+
 def _conv3d(conv: nn.Conv3d, x: Tensor) -> Tensor:
     """conv(x) in x's memory format (CPU convs return NCDHW even for NDHWC inputs; cuDNN keeps NDHWC), with short
     CPU clips run as the same conv with time as the last axis to reach the fast kernel."""
@@ -266,8 +273,9 @@ class VAEConfig:
     decoder_base_channels: int | None = None  # None = base_channels
     decoder_res_blocks: int | None = None  # None = num_res_blocks
     mid_attention: bool = False
-    latent_mean: float = 0.0  # encode returns (mu - latent_mean) / latent_std
-    latent_std: float = 1.0
+    # encode returns (mu - latent_mean) / latent_std: one scalar each, or one value per latent channel
+    latent_mean: float | tuple[float, ...] = 0.0
+    latent_std: float | tuple[float, ...] = 1.0
 
     def __post_init__(self) -> None:
         counts = {"in_channels": self.in_channels, "latent_channels": self.latent_channels}
@@ -280,8 +288,20 @@ class VAEConfig:
             raise ValueError(
                 f"VAEConfig.channel_mults must be 4 integers >= 1 (8x spatial, 4x temporal), got {self.channel_mults}"
             )
-        if not self.latent_std > 0:
+        for name in ("latent_mean", "latent_std"):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != self.latent_channels:
+                raise ValueError(
+                    f"VAEConfig.{name} must be one number or one per latent channel ({self.latent_channels}), "
+                    f"got {len(value)} values"
+                )
+        stds = self.latent_std if isinstance(self.latent_std, tuple) else (self.latent_std,)
+        if not all(s > 0 for s in stds):
             raise ValueError(f"VAEConfig.latent_std must be > 0, got {self.latent_std}")
+
+    def latent_statistics(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
+        """(mean, std) ready to broadcast against (B, C, F, h, w) tensors like `like`."""
+        return _broadcastable(self.latent_mean, like), _broadcastable(self.latent_std, like)
 
     @property
     def spatial_factor(self) -> int:
@@ -426,7 +446,8 @@ class CausalVAE(nn.Module):
         if generator is not None:
             noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             mean = mean + torch.exp(0.5 * logvar) * noise
-        return (mean - self.config.latent_mean) / self.config.latent_std
+        latent_mean, latent_std = self.config.latent_statistics(mean)
+        return (mean - latent_mean) / latent_std
 
     @property
     def channels_last(self) -> bool:
@@ -458,7 +479,8 @@ class CausalVAE(nn.Module):
             yield video
 
     def _denormalize(self, latent: Tensor) -> Tensor:
-        return latent * self.config.latent_std + self.config.latent_mean
+        latent_mean, latent_std = self.config.latent_statistics(latent)
+        return latent * latent_std + latent_mean
 
     def _decoder_input(self, latent: Tensor) -> Tensor:
         z = self._denormalize(latent)

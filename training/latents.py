@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from engines.text import TextEncoder
-from engines.vae import CausalVAE
+from engines.vae import CausalVAE, VAEConfig
 from training.common import autocast
 from training.data import ShapesDataset
 
@@ -25,6 +25,9 @@ class LatentSet:
     captions: list[str]
     text_tokens: torch.Tensor  # (U, L, D) one row per unique caption; row 0 is the empty prompt
     text_mask: torch.Tensor  # (U, L) bool
+    # the normalisation `latents` are in: latents = (mu - latent_mean) / latent_std, per channel or scalar
+    latent_mean: float | tuple[float, ...]
+    latent_std: float | tuple[float, ...]
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -47,7 +50,48 @@ class LatentSet:
 
     @classmethod
     def load(cls, path: str | Path) -> LatentSet:
-        return cls(**torch.load(path, map_location="cpu", weights_only=False))
+        fields = torch.load(path, map_location="cpu", weights_only=False)
+        if "latent_std" not in fields:
+            raise ValueError(f"{path} does not record its latent normalisation; delete it to encode it again")
+        return cls(**fields)
+
+    def raw_channel_statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std of the unnormalised latents (over clips, frames and positions)."""
+        mean, std = _as_tensor(self.latent_mean), _as_tensor(self.latent_std)
+        sums = torch.zeros(self.latents.shape[1], dtype=torch.float64)
+        squares = torch.zeros_like(sums)
+        for chunk in self.latents.split(512):
+            raw = chunk.double() * std + mean
+            sums += raw.sum(dim=(0, 2, 3, 4))
+            squares += raw.square().sum(dim=(0, 2, 3, 4))
+        count = self.latents.numel() // self.latents.shape[1]
+        means = sums / count
+        stds = (squares / count - means.square()).clamp_min(0).sqrt()
+        return tuple(round(v, 6) for v in means.tolist()), tuple(round(v, 6) for v in stds.tolist())
+
+    def normalised_as(self, vae: VAEConfig) -> LatentSet:
+        """The same set in `vae`'s latent normalisation (a generator trained on it sees what its VAE encodes)."""
+        if (vae.latent_mean, vae.latent_std) == (self.latent_mean, self.latent_std):
+            return self
+        old = (self.latent_mean, self.latent_std)
+        new = (vae.latent_mean, vae.latent_std)
+        latents = torch.cat([renormalise(chunk, old, new) for chunk in self.latents.split(512)])
+        fields = {**self.__dict__, "latents": latents, "latent_mean": vae.latent_mean, "latent_std": vae.latent_std}
+        return LatentSet(**fields)
+
+
+Statistics = tuple[float | tuple[float, ...], float | tuple[float, ...]]  # (latent_mean, latent_std)
+
+
+def renormalise(x: torch.Tensor, old: Statistics, new: Statistics) -> torch.Tensor:
+    """Latents (N, C, F, h, w) normalised with `old` (mean, std) re-expressed in `new`'s, in x's dtype."""
+    raw = x.double() * _as_tensor(old[1]) + _as_tensor(old[0])
+    return ((raw - _as_tensor(new[0])) / _as_tensor(new[1])).to(x.dtype)
+
+
+def _as_tensor(value: float | tuple[float, ...]) -> torch.Tensor:
+    """A scalar or per-channel statistic as a float64 tensor broadcasting against (N, C, F, h, w)."""
+    return torch.tensor(value, dtype=torch.float64).reshape(1, -1, 1, 1, 1)
 
 
 @torch.no_grad()
@@ -89,4 +133,4 @@ def precompute(
     tokens, mask = encode_captions(text_encoder, unique)
     ids = torch.tensor([index[c] for c in caption_of])
     log.info("encoded %d clips with %d distinct captions", count, len(unique) - 1)
-    return LatentSet(torch.cat(latents), ids, unique, tokens, mask)
+    return LatentSet(torch.cat(latents), ids, unique, tokens, mask, vae.config.latent_mean, vae.config.latent_std)

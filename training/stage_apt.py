@@ -231,7 +231,13 @@ def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, Causal
     """Load teacher, student and latents; the returned config is what the exported one-step model carries."""
     teacher_config, teacher = load_components(cfg.teacher, ("dit", "vae"))
     student_config, student = load_components(cfg.generator, ("dit",))
-    data = LatentSet.load(cfg.latents)
+    normalisations = {(c.vae.latent_mean, c.vae.latent_std) for c in (teacher_config, student_config)}
+    if len(normalisations) > 1:
+        raise ValueError(
+            f"{cfg.generator} and {cfg.teacher} use different latent normalisations; "
+            "the generator must be distilled from this teacher"
+        )
+    data = LatentSet.load(cfg.latents).normalised_as(teacher_config.vae)
     parts = make_parts(teacher["dit"], student["dit"], cfg)
     config = dataclasses.replace(
         teacher_config, name=Path(cfg.export).name, dit=student_config.dit, default_steps=1, guidance_scale=1.0

@@ -15,6 +15,7 @@ from engines.config import ModelConfig
 from engines.dit import DIT_PRESETS, MMDiT
 from engines.loading import load_components, load_text_encoder, save_checkpoint, storage_dtype
 from engines.sampling import add_noise, shift
+from engines.vae import CausalVAE, VAEConfig
 from training.common import EMA, RunDir, Trainer, autocast, compute_dtype, seed_everything
 from training.latents import LatentSet, precompute
 
@@ -29,6 +30,9 @@ class DiffusionStageConfig:
     latents: str = "runs/latents-tiny.pt"  # created from `vae` on first use
     latent_clips: int = 6000
     latent_seed: int = 0
+    # "vae": the VAE's own latent normalisation; "channel": each latent channel scaled to zero mean and unit std
+    # over the encoded training clips (the statistics travel in the exported VAE config, so sampling decodes right)
+    latent_norm: str = "vae"
     frames: int = 49
     height: int = 64
     width: int = 64
@@ -75,6 +79,21 @@ def ensure_latents(
     return latents
 
 
+LATENT_NORMS = ("vae", "channel")
+
+
+def latent_normalisation(latents: LatentSet, vae: VAEConfig, kind: str) -> VAEConfig:
+    """The VAE config whose normalisation the generator is trained in."""
+    if kind not in LATENT_NORMS:
+        raise ValueError(f"unknown latent_norm {kind!r}; choose one of {LATENT_NORMS}")
+    if kind == "vae":
+        return vae
+    mean, std = latents.raw_channel_statistics()
+    log.info("per-channel latent mean %s", " ".join(f"{v:.3f}" for v in mean))
+    log.info("per-channel latent std %s", " ".join(f"{v:.3f}" for v in std))
+    return dataclasses.replace(vae, latent_mean=mean, latent_std=std)
+
+
 def sample_timesteps(n: int, cfg: DiffusionStageConfig) -> torch.Tensor:
     logits = torch.randn(n) * cfg.t_logit_std + cfg.t_logit_mean
     return shift(torch.sigmoid(logits), cfg.t_shift)
@@ -98,11 +117,14 @@ def lr_at(step: int, cfg: DiffusionStageConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
-def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig) -> Path:
-    vae_config, modules = load_components(cfg.vae, ("vae",))
+def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig, vae_config: VAEConfig) -> Path:
+    base, modules = load_components(cfg.vae, ("vae",))
+    vae = CausalVAE(vae_config)
+    vae.load_state_dict(modules["vae"].state_dict())
     ema.copy_to(model)
     config: ModelConfig = dataclasses.replace(
-        vae_config,
+        base,
+        vae=vae_config,
         name=Path(cfg.export).name,
         dit=model.config,
         default_steps=cfg.sample_steps,
@@ -110,11 +132,13 @@ def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig) -> Path:
         sample_shift=cfg.sample_shift,
         default_size=(cfg.width, cfg.height),
     )
-    return save_checkpoint(cfg.export, config, {"dit": model, "vae": modules["vae"]}, storage_dtype(cfg.export_dtype))
+    return save_checkpoint(cfg.export, config, {"dit": model, "vae": vae}, storage_dtype(cfg.export_dtype))
 
 
 def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
     storage_dtype(cfg.export_dtype)  # bad names fail now, not at export or after the latents are encoded
+    if cfg.latent_norm not in LATENT_NORMS:
+        raise ValueError(f"unknown latent_norm {cfg.latent_norm!r}; choose one of {LATENT_NORMS}")
     compute_dtype(cfg.compute_dtype)
     seed_everything(cfg.seed)
     latents = ensure_latents(
@@ -128,6 +152,8 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
         progress,
         cfg.compute_dtype,
     )
+    vae_config = latent_normalisation(latents, load_components(cfg.vae, ("vae",))[0].vae, cfg.latent_norm)
+    latents = latents.normalised_as(vae_config)
     model = MMDiT(DIT_PRESETS[cfg.dit])
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
     ema = EMA(model, cfg.ema_decay, warmup=True)  # from random weights: no share of the init
@@ -163,4 +189,4 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
     if trainer.fit(step) < cfg.steps:
         log.info("stopped at step %d; run the same command again to resume", trainer.step)
         return run.path
-    return export_teacher(model, ema, cfg)
+    return export_teacher(model, ema, cfg, vae_config)

@@ -35,6 +35,7 @@ class DistillStageConfig:
     schedule_shift: float = 3.0
     export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     target_ema: float = 0.0  # 0: the target is the student itself without gradient (APT2: no EMA target)
+    ema_decay: float = 0.0  # > 0: export an EMA of the student (from the teacher's weights), not its last state
     seed: int = 0
     checkpoint_every: int = 250
     log_every: int = 25
@@ -77,7 +78,8 @@ def train_distill(cfg: DistillStageConfig, progress: bool = True) -> Path:
     student.train()
     target = EMA(student, cfg.target_ema) if cfg.target_ema > 0 else None
     target_model = student if target is None else MMDiT(config.dit).requires_grad_(False)
-    latents = LatentSet.load(cfg.latents)
+    export_ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    latents = LatentSet.load(cfg.latents).normalised_as(config.vae)  # the teacher's latent space
     schedule = timesteps(cfg.num_timesteps, cfg.schedule_shift).flip(0)  # increasing: 0 ... 1
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     run = RunDir(cfg.out)
@@ -87,6 +89,7 @@ def train_distill(cfg: DistillStageConfig, progress: bool = True) -> Path:
             "student": student.state_dict(),
             "optimizer": optimizer.state_dict(),
             "target": None if target is None else target.state_dict(),
+            "ema": None if export_ema is None else export_ema.state_dict(),
         }
 
     def set_state(state):
@@ -94,6 +97,8 @@ def train_distill(cfg: DistillStageConfig, progress: bool = True) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         if target is not None:
             target.load_state_dict(state["target"])
+        if export_ema is not None:
+            export_ema.load_state_dict(state["ema"])
 
     trainer = Trainer(
         run, cfg.steps, get_state, set_state, cfg.checkpoint_every, cfg.log_every, progress, "train distill"
@@ -109,10 +114,14 @@ def train_distill(cfg: DistillStageConfig, progress: bool = True) -> Path:
         optimizer.step()
         if target is not None:
             target.update(student)
+        if export_ema is not None:
+            export_ema.update(student)
         return {"loss": loss.item()}
 
     if trainer.fit(step) < cfg.steps:
         log.info("stopped at step %d; run the same command again to resume", trainer.step)
         return run.path
+    if export_ema is not None:
+        export_ema.copy_to(student)
     export = dataclasses.replace(config, name=Path(cfg.export).name, default_steps=1, guidance_scale=1.0)
     return save_checkpoint(cfg.export, export, {"dit": student, "vae": modules["vae"]}, storage_dtype(cfg.export_dtype))

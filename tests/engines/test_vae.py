@@ -88,6 +88,8 @@ def test_bad_inputs_raise(model: CausalVAE) -> None:
         ({"channel_mults": (1, 0, 4, 4)}, r"got \(1, 0, 4, 4\)"),
         ({"decoder_res_blocks": -1}, "decoder_res_blocks must be >= 1, got -1"),
         ({"latent_std": 0.0}, "latent_std must be > 0, got 0.0"),
+        ({"latent_std": (1.0,) * 15 + (0.0,)}, "latent_std must be > 0"),
+        ({"latent_mean": (0.0, 1.0)}, r"latent_mean must be one number or one per latent channel \(16\), got 2"),
     ],
 )
 def test_bad_config_raises(kwargs: dict, message: str) -> None:
@@ -104,6 +106,21 @@ def test_encode_normalises_and_samples(model: CausalVAE) -> None:
     a = model.encode(video, generator=torch.Generator().manual_seed(3))
     b = model.encode(video, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and not torch.equal(a, model.encode(video))
+
+
+@torch.no_grad()
+def test_per_channel_statistics_normalise_each_channel(model: CausalVAE) -> None:
+    means = tuple(0.1 * c for c in range(16))
+    stds = tuple(0.5 + 0.25 * c for c in range(16))
+    per_channel = CausalVAE(VAEConfig(**{**SMALL.__dict__, "latent_mean": means, "latent_std": stds})).eval()
+    per_channel.load_state_dict(model.state_dict())
+    video = _video(5)
+    mean, _ = model.encode_distribution(video)
+    z = per_channel.encode(video)
+    for c in (0, 7, 15):
+        torch.testing.assert_close(z[:, c], (mean[:, c] - means[c]) / stds[c])
+    # decode undoes the per-channel scaling: the decoder sees the same raw latents as the scalar model's
+    torch.testing.assert_close(per_channel.decode(z), model.decode(model.encode(video)), atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ def tiny_latents(n: int = 6) -> LatentSet:
         captions=["", "a red circle moving left", "a blue square moving up"],
         text_tokens=torch.randn(3, TEXT_LEN, TEXT_DIM, generator=g).half(),
         text_mask=mask,
+        latent_mean=0.0,
+        latent_std=1.0,
     )
 
 

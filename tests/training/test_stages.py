@@ -20,6 +20,7 @@ from engines.text import CachedTextEncoder
 from engines.vae import CausalVAE
 from training.common import EMA, autocast, compute_dtype, load_stage_config
 from training.data import ShapesDataset, held_out_combinations, is_held_out, shapes_sample
+from training.latents import LatentSet
 from training.stage_diffusion import DiffusionStageConfig, train_diffusion
 from training.stage_distill import DistillStageConfig, train_distill
 from training.stage_vae import VAEStageConfig, train_vae
@@ -142,6 +143,7 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
         batch_size=2,
         steps=2,
         compute_dtype="bfloat16",  # mixed precision: latent encoding and the training forward passes
+        latent_norm="channel",
         **common,
         **TOY,
     )
@@ -150,6 +152,11 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
     assert [int(r["step"]) for r in rows(tmp_path / "teacher")] == [1, 2]
     teacher = load_checkpoint(tmp_path / "teacher-ckpt")
     assert teacher.config.default_steps == 25
+    # trained on per-channel normalised latents; the statistics travel with the checkpoint's VAE
+    latents = LatentSet.load(tmp_path / "latents.pt")
+    assert latents.latent_std == config.vae.latent_std  # encoded in the VAE's own normalisation
+    assert (teacher.config.vae.latent_mean, teacher.config.vae.latent_std) == latents.raw_channel_statistics()
+    assert len(teacher.config.vae.latent_std) == teacher.config.vae.latent_channels
 
     distill = DistillStageConfig(
         out=str(tmp_path / "cd"),
@@ -158,11 +165,18 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
         steps=2,
         batch_size=2,
         num_timesteps=4,
+        ema_decay=0.5,
         **common,
     )
     train_distill(distill, progress=False)
     student = load_checkpoint(tmp_path / "cd-ckpt")
     assert student.config.default_steps == 1 and student.config.guidance_scale == 1.0
+    assert student.config.vae == teacher.config.vae
+    state = torch.load(tmp_path / "cd" / "state.pt", weights_only=False)["stage"]
+    assert state["ema"]["updates"] == 2
+    for name, p in student.dit.named_parameters():  # the export is the EMA (float16 on disk), not the last weights
+        torch.testing.assert_close(p.float(), state["ema"]["shadow"][name].half().float())
+    assert any(not torch.equal(state["ema"]["shadow"][n], state["student"][n]) for n in state["student"])
 
 
 def test_exported_student_generates(tmp_path, minilm):

@@ -1,0 +1,79 @@
+"""Latent normalisation of the precomputed training set: per-channel statistics and conversion between
+normalisations, so a generator trained in one latent space is fed the same clips in it."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from engines.vae import VAEConfig
+from training.latents import LatentSet, renormalise
+from training.stage_diffusion import latent_normalisation
+
+
+def latent_set(scale: torch.Tensor, offset: torch.Tensor, stats=(0.5, 2.0)) -> LatentSet:
+    """Eight clips whose raw channel c has mean offset[c] and std scale[c], stored in `stats` normalisation."""
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(8, 16, 13, 8, 8, generator=g, dtype=torch.float64)
+    raw = (raw - raw.mean(dim=(0, 2, 3, 4), keepdim=True)) / raw.std(dim=(0, 2, 3, 4), keepdim=True, correction=0)
+    raw = raw * scale.view(1, -1, 1, 1, 1) + offset.view(1, -1, 1, 1, 1)
+    return LatentSet(
+        latents=((raw - stats[0]) / stats[1]).float(),
+        caption_ids=torch.zeros(8, dtype=torch.long),
+        captions=[""],
+        text_tokens=torch.zeros(1, 4, 8),
+        text_mask=torch.ones(1, 4, dtype=torch.bool),
+        latent_mean=stats[0],
+        latent_std=stats[1],
+    )
+
+
+SCALE = torch.linspace(0.4, 1.9, 16, dtype=torch.float64)
+OFFSET = torch.linspace(-0.3, 0.3, 16, dtype=torch.float64)
+
+
+def test_raw_channel_statistics_undo_the_stored_normalisation():
+    mean, std = latent_set(SCALE, OFFSET).raw_channel_statistics()
+    assert len(mean) == len(std) == 16
+    torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), OFFSET, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), SCALE, atol=1e-5, rtol=0)
+
+
+def test_channel_normalisation_gives_unit_channels_and_converts_back():
+    data = latent_set(SCALE, OFFSET)
+    vae = latent_normalisation(data, VAEConfig(latent_mean=0.5, latent_std=2.0), "channel")
+    assert vae.latent_std == pytest.approx(tuple(SCALE.tolist()), abs=1e-5)
+    per_channel = data.normalised_as(vae)
+    assert per_channel.latent_std == vae.latent_std and per_channel.caption_ids is data.caption_ids
+    z = per_channel.latents.double()
+    torch.testing.assert_close(z.mean(dim=(0, 2, 3, 4)), torch.zeros(16, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        z.std(dim=(0, 2, 3, 4), correction=0), torch.ones(16, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    back = per_channel.normalised_as(VAEConfig(latent_mean=0.5, latent_std=2.0))
+    torch.testing.assert_close(back.latents, data.latents, atol=1e-5, rtol=1e-5)
+    assert data.normalised_as(VAEConfig(latent_mean=0.5, latent_std=2.0)) is data  # already there: no copy
+
+
+def test_renormalise_is_the_affine_map_between_two_normalisations():
+    x = torch.randn(2, 16, 3, 2, 2)
+    new = (tuple(range(16)), tuple(0.5 + c for c in range(16)))
+    y = renormalise(x, (0.1, 1.5), new)
+    for c in (0, 9):
+        torch.testing.assert_close(y[:, c], (x[:, c] * 1.5 + 0.1 - c) / (0.5 + c))
+
+
+def test_vae_normalisation_and_bad_kinds():
+    data = latent_set(SCALE, OFFSET)
+    vae = VAEConfig(latent_mean=0.5, latent_std=2.0)
+    assert latent_normalisation(data, vae, "vae") is vae
+    with pytest.raises(ValueError, match="unknown latent_norm 'layer'"):
+        latent_normalisation(data, vae, "layer")
+
+
+def test_a_latent_file_without_its_normalisation_is_refused(tmp_path):
+    fields = dataclasses.asdict(latent_set(SCALE, OFFSET))
+    del fields["latent_mean"], fields["latent_std"]
+    torch.save(fields, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="does not record its latent normalisation"):
+        LatentSet.load(tmp_path / "old.pt")

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kernels.fp8 import E4M3_MAX, FP8_DTYPE
+from kernels import triton_fp8
+from kernels.fp8 import FP8_DTYPE
+from kernels.fp8 import quantize_fp8_rows as quantize_rows
 
-# An all-zero row or channel would get a zero scale and 0/0 on quantisation; any positive scale encodes zeros exactly.
-_MIN_AMAX = 1e-12
 # cuBLASLt / CUTLASS FP8 GEMMs need both the reduction (K) and output (N) dims to be multiples of 16.
 _SCALED_MM_MULTIPLE = 16
 # Row-wise scaled GEMMs (one scale per row of A and per column of B) ship for sm90 (Hopper) in torch's CUTLASS path.
@@ -24,14 +24,6 @@ _SCALED_MM_MIN_CAPABILITY = (9, 0)
 # MMDiT modules that keep their original precision: embeddings, the shared/final modulation and the final projection.
 # Per-block modulation tables are parameters, not linears, so they are never touched.
 DIT_SKIP = ("video_embed", "text_embed", "time_embed", "pooled_text_embed", "shared_mod", "final_mod", "final_proj")
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> e4m3 values (M, K) and fp32 scales (M, 1) with one scale per row: x ~= x_fp8 * scale."""
-    amax = x.abs().amax(dim=-1, keepdim=True).float()  # (M, 1)
-    scale = amax.clamp(min=_MIN_AMAX) / E4M3_MAX
-    x_fp8 = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
-    return x_fp8, scale
 
 
 class FP8Linear(nn.Module):
@@ -95,7 +87,7 @@ class FP8Linear(nn.Module):
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """Row-wise scaled FP8 GEMM: A row-major (M, K), B column-major (K, N), scales (M, 1) and (1, N), bf16 out."""
-        x_fp8, x_scale = quantize_rows(x2)
+        x_fp8, x_scale = triton_fp8.quantize_rows(x2)  # one fused pass on CUDA, the same bits as quantize_rows
         bias = None if self.bias is None else self.bias.to(torch.bfloat16)  # the rowwise kernel adds a bf16 bias
         return torch._scaled_mm(
             x_fp8.contiguous(),

@@ -1,4 +1,5 @@
-"""FP8 (e4m3) block quantisation in plain torch: per (batch, head, block of tokens) scales for attention inputs.
+"""FP8 (e4m3) quantisation in plain torch: per (batch, head, block of tokens) scales for attention inputs, per-row
+scales for linear layers. These are the references; `kernels.triton_fp8` computes the same bits in one pass on CUDA.
 
 Scales map each block's amax to E4M3_MAX, so `x ~= dequantize(*quantize_fp8_blockwise(x, block), block)`.
 """
@@ -20,9 +21,17 @@ def quantize_fp8_blockwise(x: torch.Tensor, block: int) -> tuple[torch.Tensor, t
     nblocks = -(-N // block)
     padded = F.pad(x.float(), (0, 0, 0, nblocks * block - N))  # (B, H, nblocks * block, D)
     amax = padded.view(B, H, nblocks, block * D).abs().amax(-1)  # (B, H, nblocks)
-    scales = amax.clamp(min=_MIN_AMAX) / E4M3_MAX
+    scales = amax.clamp(min=_MIN_AMAX) * (1.0 / E4M3_MAX)
     x_fp8 = (x.float() / _per_token(scales, block, N)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
     return x_fp8, scales
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> e4m3 values (M, K) and fp32 scales (M, 1), one scale per row: x ~= x_fp8 * scale."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()  # (M, 1)
+    scale = amax.clamp(min=_MIN_AMAX) * (1.0 / E4M3_MAX)
+    x_fp8 = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    return x_fp8, scale
 
 
 def dequantize(x_fp8: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:

@@ -8,24 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 
-from kernels.fp8 import E4M3_MAX, quantize_fp8_blockwise
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:
-    triton = tl = None
-    HAS_TRITON = False
-
-# Without triton the kernel stays a plain function (never called: unsupported_reason says why); postponed annotations
-# keep its `tl.constexpr` hints from being evaluated.
-_jit = triton.jit if HAS_TRITON else (lambda fn: fn)
+from kernels._triton import HAS_TRITON, INTERPRETED, tl, triton
+from kernels._triton import jit as _jit
+from kernels.fp8 import E4M3_MAX
+from kernels.triton_fp8 import quantize_blockwise
 
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -35,18 +24,6 @@ _LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Capability checks
-
-
-def _interpret_requested() -> bool:
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-# triton.jit picks compiled vs interpreted when it decorates, and triton decorates its own tl.max/tl.sum when it is
-# imported, so TRITON_INTERPRET must be set before `import triton`; setting it later has no effect on this process.
-INTERPRETED = HAS_TRITON and _interpret_requested()
 
 
 def unsupported_reason(q: torch.Tensor, fp8: bool = False) -> str | None:
@@ -76,6 +53,56 @@ def unsupported_reason(q: torch.Tensor, fp8: bool = False) -> str | None:
 
 
 @_jit
+def _attn_tile(
+    q, row_scale, m_i, l_i, acc, kt_ptrs, v_ptrs, MASK, K_SCALE, V_SCALE, mask_row, scale_row, start_n,
+    stride_kn, stride_vn, N_K,
+    BLOCK_N: tl.constexpr, BOUNDS: tl.constexpr, HAS_MASK: tl.constexpr, IS_FP8: tl.constexpr,
+    FP8_BLOCK: tl.constexpr, LOG2_P_SCALE: tl.constexpr, INTERPRETER: tl.constexpr,
+):  # fmt: skip
+    # One BLOCK_N tile of keys folded into the online-softmax state (m_i, l_i, acc); scores in log2 units.
+    # BOUNDS: the tile may run past N_K (only the last one can), so its loads are masked and the overhang is -inf.
+    keys = start_n + tl.arange(0, BLOCK_N)
+    if BOUNDS:
+        in_range = keys < N_K
+        kt = tl.load(kt_ptrs + start_n * stride_kn, mask=in_range[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=in_range[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
+    else:
+        kt = tl.load(kt_ptrs + start_n * stride_kn)
+        v = tl.load(v_ptrs + start_n * stride_vn)
+    p_dtype = v.dtype  # P is rounded to V's storage type: the GPU's dot takes both operands in it
+    if INTERPRETER:
+        kt = kt.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, kt)  # (BLOCK_M, BLOCK_N) fp32, not yet scaled
+    if IS_FP8:  # BLOCK_N divides FP8_BLOCK, so one K scale and one V scale cover the whole tile
+        row_scale = row_scale * tl.load(K_SCALE + scale_row + start_n // FP8_BLOCK)
+    if HAS_MASK:
+        real = tl.load(MASK + mask_row + keys, mask=keys < N_K, other=0) != 0
+        s = tl.where(real[None, :], s, float("-inf"))
+    elif BOUNDS:
+        s = tl.where(in_range[None, :], s, float("-inf"))
+    # row_scale > 0, so max(s * scale) = max(s) * scale, and the scaling joins the max subtraction in one FMA.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    # FP8: P comes out multiplied by 2^LOG2_P_SCALE (the row max lands on e4m3's largest value); l_i sums the same
+    # scaled values, so the factor cancels in acc / l_i. fp16/bf16: LOG2_P_SCALE is 0 and P lies in [0, 1].
+    p = tl.math.exp2(s * row_scale[:, None] - (m_new - LOG2_P_SCALE)[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if IS_FP8 and INTERPRETER:  # round to e4m3's 3 mantissa bits (normals, then subnormals at 2^-9): exact cast
+        ulp = tl.math.exp2(tl.math.floor(tl.math.log2(tl.maximum(p, 0.015625))) - 3.0)
+        p = tl.math.floor(p / ulp + 0.5) * ulp
+    p = p.to(p_dtype)  # also in the interpreter, so P is rounded as on the GPU
+    if INTERPRETER:
+        p = p.to(tl.float32)
+    if IS_FP8:
+        acc += tl.dot(p, v) * tl.load(V_SCALE + scale_row + start_n // FP8_BLOCK)
+    else:
+        acc = tl.dot(p, v, acc)
+    return m_new, l_i, acc
+
+
+@_jit
 def _attn_fwd_kernel(
     Q, K, V, Out, MASK, Q_SCALE, K_SCALE, V_SCALE,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -84,11 +111,12 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_mb, H, N_Q, N_K, N_SCALES_Q, N_SCALES_K, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_MASK: tl.constexpr, IS_FP8: tl.constexpr, FP8_BLOCK: tl.constexpr, P_SCALE: tl.constexpr,
+    HAS_MASK: tl.constexpr, IS_FP8: tl.constexpr, FP8_BLOCK: tl.constexpr, LOG2_P_SCALE: tl.constexpr,
     INTERPRETER: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_M queries of one (batch, head) against all keys, online softmax in base 2, fp32 state.
-    # IS_FP8: Q/K/V hold e4m3 with per-(b, h, FP8_BLOCK tokens) scales; P is quantised with the fixed P_SCALE.
+    # Full key tiles run without bounds checks; only the last, partial tile is masked.
+    # IS_FP8: Q/K/V hold e4m3 with per-(b, h, FP8_BLOCK tokens) scales; P is quantised with the fixed scale 2^LOG2_P.
     # INTERPRETER (CPU only) works around two interpreter bugs: its low-precision tl.dot is wrong, so it dots fp32
     # copies (exact for fp8 values, the scales are applied after the dot either way), and its fp8 down-cast
     # truncates, so P is first rounded to nearest as GPUs do. GPUs use native fp16/bf16/fp8 tensor-core dots.
@@ -107,52 +135,28 @@ def _attn_fwd_kernel(
     if INTERPRETER:
         q = q.to(tl.float32)
     if IS_FP8:
-        q_scale = tl.load(Q_SCALE + off_bh * N_SCALES_Q + offs_m // FP8_BLOCK, mask=offs_m < N_Q, other=0.0)
-        q_scale = q_scale * qk_scale  # (BLOCK_M,)
+        q_scale = tl.load(Q_SCALE + off_bh * N_SCALES_Q + offs_m // FP8_BLOCK, mask=offs_m < N_Q, other=1.0)
+        row_scale = q_scale * qk_scale  # (BLOCK_M,), times each tile's K scale
+    else:
+        row_scale = tl.full([BLOCK_M], qk_scale, dtype=tl.float32)
     # A finite floor instead of -inf keeps exp2(m_i - m_new) NaN-free while every key so far was masked.
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    mask_row = off_b * stride_mb
+    scale_row = off_bh * N_SCALES_K
 
-    for start_n in range(0, N_K, BLOCK_N):
-        keys = start_n + offs_n
-        valid = keys < N_K
-        kt = tl.load(kt_ptrs + start_n * stride_kn, mask=valid[None, :], other=0.0)  # (HEAD_DIM, BLOCK_N)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=valid[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
-        if INTERPRETER:
-            kt = kt.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, kt)  # (BLOCK_M, BLOCK_N) fp32
-        if IS_FP8:
-            k_scale = tl.load(K_SCALE + off_bh * N_SCALES_K + keys // FP8_BLOCK, mask=valid, other=0.0)
-            s = s * q_scale[:, None] * k_scale[None, :]
-        else:
-            s = s * qk_scale
-        if HAS_MASK:
-            valid = valid & (tl.load(MASK + off_b * stride_mb + keys, mask=valid, other=0) != 0)
-        s = tl.where(valid[None, :], s, float("-inf"))
-
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N) in [0, 1]
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        m_i = m_new
-        if IS_FP8:
-            p = p * P_SCALE
-            if INTERPRETER:  # round to e4m3's 3 mantissa bits (normals, then subnormals at 2^-9) so the cast is exact
-                ulp = tl.math.exp2(tl.math.floor(tl.math.log2(tl.maximum(p, 0.015625))) - 3.0)
-                p = tl.math.floor(p / ulp + 0.5) * ulp
-            p = p.to(V.dtype.element_ty)
-            if INTERPRETER:
-                p = p.to(tl.float32)
-            v_scale = tl.load(V_SCALE + off_bh * N_SCALES_K + start_n // FP8_BLOCK)
-            acc += tl.dot(p, v) * (v_scale / P_SCALE)
-        else:
-            p = p.to(V.dtype.element_ty)  # rounds P like the GPU path does, also in the interpreter
-            if INTERPRETER:
-                p = p.to(tl.float32)
-            acc = tl.dot(p, v, acc)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        m_i, l_i, acc = _attn_tile(
+            q, row_scale, m_i, l_i, acc, kt_ptrs, v_ptrs, MASK, K_SCALE, V_SCALE, mask_row, scale_row, start_n,
+            stride_kn, stride_vn, N_K, BLOCK_N, False, HAS_MASK, IS_FP8, FP8_BLOCK, LOG2_P_SCALE, INTERPRETER,
+        )  # fmt: skip
+    if n_full < N_K:
+        m_i, l_i, acc = _attn_tile(
+            q, row_scale, m_i, l_i, acc, kt_ptrs, v_ptrs, MASK, K_SCALE, V_SCALE, mask_row, scale_row, n_full,
+            stride_kn, stride_vn, N_K, BLOCK_N, True, HAS_MASK, IS_FP8, FP8_BLOCK, LOG2_P_SCALE, INTERPRETER,
+        )  # fmt: skip
 
     # Rows whose keys are all masked have l_i == 0 and acc == 0: they come out as zeros, not NaN.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -164,23 +168,38 @@ def _attn_fwd_kernel(
 # Configs
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on the GPU. The 128-row tiles with 8 warps are
+# the usual Hopper winners at head dim 128; the 64-row ones cover head dim 64 and register-limited cases. Configs
+# that do not fit shared memory (128x128 tiles at 4 stages and head dim 128) are dropped by the autotuner itself.
+_HOPPER_TILES = (
+    (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4),
+    (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4),
+)  # fmt: skip
+# Below this many query x key pairs the kernel is launch-bound and tuning buys nothing: the first tile is used as is,
+# so a new short sequence length costs one compile instead of a benchmark of every config.
+_TUNE_MIN_PAIRS = 1 << 22
+
+
 def _hopper_configs() -> list:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        for bm in (64, 128)
-        for bn in (64, 128)
-        for warps in (4, 8)
-        for stages in (2, 3, 4)
+        for bm, bn, warps, stages in _HOPPER_TILES
     ]
+
+
+def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    return configs if named_args["N_Q"] * named_args["N_K"] >= _TUNE_MIN_PAIRS else configs[:1]
 
 
 # Autotuning under the interpreter would run every config on the CPU; one small config tiles the test shapes enough.
 _INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
 
 if HAS_TRITON and not INTERPRETED:
-    _attn_fwd = triton.autotune(configs=_hopper_configs(), key=["N_Q", "N_K", "HEAD_DIM", "HAS_MASK", "IS_FP8"])(
-        _attn_fwd_kernel
-    )
+    _attn_fwd = triton.autotune(
+        configs=_hopper_configs(),
+        key=["N_Q", "N_K", "HEAD_DIM", "HAS_MASK", "IS_FP8"],
+        prune_configs_by={"early_config_prune": _prune_configs},
+    )(_attn_fwd_kernel)
 else:
     _attn_fwd = _attn_fwd_kernel
 
@@ -226,7 +245,7 @@ def _launch(q, k, v, mask, out, scales=None) -> None:
         "HAS_MASK": mask is not None,
         "IS_FP8": scales is not None,
         "FP8_BLOCK": FP8_BLOCK,
-        "P_SCALE": E4M3_MAX,
+        "LOG2_P_SCALE": math.log2(E4M3_MAX) if scales is not None else 0.0,
         "INTERPRETER": INTERPRETED,
     }
 
@@ -262,7 +281,7 @@ def _flash_attention_fp8_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
 ) -> torch.Tensor:
     _check(q, k, v, key_padding_mask, fp8=True)
-    (q8, q_s), (k8, k_s), (v8, v_s) = (quantize_fp8_blockwise(x, FP8_BLOCK) for x in (q, k, v))
+    (q8, q_s), (k8, k_s), (v8, v_s) = (quantize_blockwise(x, FP8_BLOCK) for x in (q, k, v))
     # V stored token-minor (as in the Triton tutorial's FP8 path) so the P @ V operand is K-major for Hopper wgmma.
     v8 = v8.transpose(-1, -2).contiguous().transpose(-1, -2)
     out = torch.empty_like(q)

@@ -23,8 +23,9 @@ import torch
 
 import kernels
 from kernels import triton_attention as module
+from kernels import triton_fp8
 from kernels.attention import choose_attention_impl
-from kernels.fp8 import E4M3_MAX, FP8_DTYPE, dequantize, quantize_fp8_blockwise
+from kernels.fp8 import E4M3_MAX, FP8_DTYPE, dequantize, quantize_fp8_blockwise, quantize_fp8_rows
 from kernels.triton_attention import FP8_BLOCK, triton_attention, triton_attention_fp8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -151,6 +152,15 @@ def test_fp8_relative_error(nq, nk, d, dtype, mask_kind):
     assert err <= FP8_REL_TOL and err <= 1.1 * emulated, message
 
 
+@pytest.mark.skipif(not module.HAS_TRITON, reason="needs triton")
+def test_autotuner_tries_every_tile_only_on_large_problems():
+    configs = module._hopper_configs()
+    assert len(configs) == len(module._HOPPER_TILES) > 1
+    assert module._prune_configs(configs, {"N_Q": 47056, "N_K": 47056}) == configs
+    assert module._prune_configs(configs, {"N_Q": 130, "N_K": 67}) == configs[:1]
+    assert module._prune_configs(configs, {"N_Q": 1, "N_K": (1 << 22) - 1}) == configs[:1]
+
+
 def test_fp8_blockwise_quantisation_round_trip():
     x = torch.randn(2, 3, 130, 64) * torch.logspace(-3, 2, 130)[:, None]  # blocks of very different magnitude
     x[0, 0, :FP8_BLOCK] = 0.0  # an all-zero block must not produce NaN
@@ -162,6 +172,58 @@ def test_fp8_blockwise_quantisation_round_trip():
     assert ((back - x).abs() <= x.abs() * 2**-4 + per_token * 2**-10).all()
     assert (back[0, 0, :FP8_BLOCK] == 0).all()
     assert x8[1].float().abs().amax().item() == E4M3_MAX
+
+
+def assert_same_bits(actual: tuple, expected: tuple) -> None:
+    (y, s), (y_ref, s_ref) = actual, expected
+    assert y.dtype == FP8_DTYPE and y.shape == y_ref.shape and y.is_contiguous()
+    assert torch.equal(s, s_ref), (s - s_ref).abs().max()
+    different = (y.view(torch.uint8) != y_ref.view(torch.uint8)).sum().item()
+    assert different == 0, f"{different} of {y.numel()} e4m3 values differ"
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("shape", "dtype", "block"),
+    [((2, 3, 130, 64), torch.bfloat16, FP8_BLOCK), ((1, 2, 67, 128), torch.float16, FP8_BLOCK),
+     ((2, 1, 33, 64), torch.float32, 16)],
+)  # fmt: skip
+def test_triton_block_quantisation_is_bit_identical_to_torch(shape, dtype, block):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=g) * torch.logspace(-4, 3, shape[2])[:, None]  # blocks far apart in magnitude
+    x[0, 0, :block] = 0.0  # an all-zero block: the floor scale, zeros out
+    x = x.to(device=DEVICE, dtype=dtype)
+    assert_same_bits(triton_fp8.quantize_fp8_blocks(x, block), quantize_fp8_blockwise(x, block))
+    strided = x.transpose(1, 2).contiguous().transpose(1, 2)  # (B, N, H, D) storage, as the DiT's heads are
+    assert_same_bits(triton_fp8.quantize_fp8_blocks(strided, block), quantize_fp8_blockwise(x, block))
+
+
+@needs_kernels
+@pytest.mark.parametrize(("m", "k"), [(77, 3072), (5, 80)])
+def test_triton_row_quantisation_is_bit_identical_to_torch(m, k):
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(4)) * 7).to(device=DEVICE, dtype=torch.bfloat16)
+    y, s = triton_fp8.quantize_fp8_blocks(x[None, None], 1)
+    assert_same_bits((y.view(m, k), s.view(m, 1)), quantize_fp8_rows(x))
+    assert_same_bits(triton_fp8.quantize_rows(x), quantize_fp8_rows(x))  # the dispatcher (kernel on CUDA only)
+
+
+def test_triton_quantisation_says_what_it_cannot_run():
+    x = torch.randn(1, 1, 8, 64)
+    reason = triton_fp8.unsupported_reason
+    if not triton_fp8.HAS_TRITON:
+        assert reason(x, 128) == "triton is not installed"
+        return
+    assert "power of two" in reason(x.to(DEVICE), 96)
+    assert "does not fit" in reason(x.to(DEVICE), 1024)
+    assert "dtype" in reason(x.to(DEVICE).to(torch.int32), 128)
+    with pytest.raises(ValueError, match="expected x"):
+        triton_fp8.quantize_fp8_blocks(x[0], 128)
+
+
+@needs_kernels
+def test_quantisation_op_passes_opcheck():
+    x = torch.randn(1, 2, 20, 64, dtype=torch.bfloat16, device=DEVICE)
+    torch.library.opcheck(torch.ops.aptserve.quantize_fp8_blocks.default, (x, 16))
 
 
 @needs_kernels

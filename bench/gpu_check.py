@@ -14,6 +14,8 @@ rows, small matmul and attention; Triton rows are skipped (they need CUDA), FP8 
 compiled rows use torch.compile's "aot_eager" backend unless `--compiler inductor` (inductor's C++ build takes
 minutes on a 2-core CI machine; tests/engines/test_backends.py checks inductor). Imports only torch and this
 repository's `engines` and `kernels`: the GPU machine has no FastAPI or other server dependencies.
+VAE rows decode latent frame by latent frame, as the server streams; a whole-clip decode at 1280x720x49 needs single
+16 GiB activations and ran out of memory beside the earlier rows on an 80 GB H100 (docs/PERF.md).
 """
 
 from __future__ import annotations
@@ -63,13 +65,9 @@ ROWS: dict[str, str] = {
     "dit eager fp8 linears + fp8 attention": "+ FP8 linears and FP8 Triton attention",
     "dit compiled fp8 linears": "+ torch.compile of the blocks, FP8 linears, Triton attention",
     "vae wan chunked": "Wan-sized decoder, latent frame by latent frame, each chunk to host uint8 (as the server does)",
-    "vae wan whole": "Wan-sized decoder, one pass over the clip",
     "vae wan channels-last chunked": "NDHWC activations",
-    "vae wan channels-last whole": "NDHWC activations",
     "vae wan compiled chunked": "torch.compile of the decoder (pointwise work fused around the convs)",
-    "vae wan compiled whole": "torch.compile of the decoder",
     "vae wan-light chunked": "light decoder (wan-light: 64/128/256/256 channels, 2 blocks per stage)",
-    "vae wan-light whole": "light decoder",
     "vae wan-light channels-last compiled chunked": "light decoder, NDHWC, compiled: the decode fast path",
     "e2e eager fast path": "noise -> DiT (FP8, faster attention) -> light VAE chunks on the host; text encode excluded",
     "e2e compiled fast path": "as above with the compiled DiT and the compiled channels-last light VAE",
@@ -176,7 +174,7 @@ class Report:
             row.status, row.reason = "skipped", skip
         else:
             self._measure(row, measure)
-        self._log(row, elapsed)
+        self._log(row, elapsed, time.perf_counter() - self.start)
         self.write_json()
 
     def _measure(self, row: Row, measure: Callable[[], dict[str, Any]]) -> None:
@@ -201,9 +199,9 @@ class Report:
         if row.peak_gib is None and cuda:
             row.peak_gib = torch.cuda.max_memory_allocated() / GIB
 
-    def _log(self, row: Row, elapsed: float) -> None:
+    def _log(self, row: Row, started: float, ended: float) -> None:
         result = f"{row.seconds:.4g} s" if row.status == "ok" and row.seconds is not None else row.reason
-        print(f"[{elapsed:6.1f} s] {row.name}: {row.status} {result}", file=sys.stderr, flush=True)
+        print(f"[{started:6.1f} -> {ended:6.1f} s] {row.name}: {row.status} {result}", file=sys.stderr, flush=True)
 
     def write_json(self) -> None:
         if self.json_path is None:
@@ -483,12 +481,6 @@ def decode_chunked(vae: CausalVAE, latent: torch.Tensor, on_first: Callable[[], 
     return torch.cat(videos, dim=2)
 
 
-def decode_whole(vae: CausalVAE, latent: torch.Tensor) -> torch.Tensor:
-    video = vae.decode(latent)
-    to_host_uint8(video)
-    return video
-
-
 def vae_latent(plan: Plan) -> torch.Tensor:
     g = torch.Generator(device=plan.device).manual_seed(2)
     latents = plan.model.vae.latents_for_frames(plan.frames)
@@ -496,19 +488,18 @@ def vae_latent(plan: Plan) -> torch.Tensor:
     return torch.randn(shape, device=plan.device, generator=g).to(plan.dtype)
 
 
-def measure_vae(plan: Plan, state: dict[str, Any], prefix: str, mode: str) -> dict[str, Any]:
+def measure_vae(plan: Plan, state: dict[str, Any], prefix: str) -> dict[str, Any]:
     key = f"vae:{prefix}"
     if key not in state:
         state[key] = build_vae(plan, *VAE_VARIANTS[prefix])
     vae, latent = state[key], state.setdefault("latent", vae_latent(plan))
-    decode = decode_chunked if mode == "chunked" else decode_whole
     with torch.inference_mode():
-        seconds, first, video = time_call(lambda: decode(vae, latent), plan.device, plan.warmup, plan.repeats)
+        seconds, first, video = time_call(lambda: decode_chunked(vae, latent), plan.device, plan.warmup, plan.repeats)
     shape = "x".join(str(s) for s in latent.shape[2:])
     values: dict[str, Any] = {"seconds": seconds, "note": f"latent {shape}; first call {first:.2f} s"}
     light, channels_last, compiled = VAE_VARIANTS[prefix]
     reference_key = f"vae_reference:{light}"  # same light flag: same weights (seeded)
-    if not (channels_last or compiled) and mode == "chunked":
+    if not (channels_last or compiled):
         state[reference_key] = video
     elif reference_key in state:
         values["error"] = relative_error(video, state[reference_key])
@@ -520,11 +511,8 @@ def vae_section(report: Report, state: dict[str, Any], compiled: bool) -> None:
     for prefix, (_, _, is_compiled) in VAE_VARIANTS.items():
         if is_compiled != compiled:
             continue
-        for mode in ("chunked", "whole"):
-            name = f"{prefix} {mode}"
-            if name in ROWS:
-                reserve = report.plan.compile_reserve_s if compiled else 0.0
-                report.run(name, lambda p=prefix, m=mode: measure_vae(report.plan, state, p, m), reserve_s=reserve)
+        reserve = report.plan.compile_reserve_s if compiled else 0.0
+        report.run(f"{prefix} chunked", lambda p=prefix: measure_vae(report.plan, state, p), reserve_s=reserve)
         if not compiled and prefix != "vae wan-light":  # keep the light eager decoder for end to end
             state.pop(f"vae:{prefix}", None)
             _free_memory(report.plan.device)

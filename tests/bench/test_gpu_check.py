@@ -20,13 +20,9 @@ EXPECTED_ROWS = [
     "dit eager fp8 linears + fp8 attention",
     "dit compiled fp8 linears",
     "vae wan chunked",
-    "vae wan whole",
     "vae wan channels-last chunked",
-    "vae wan channels-last whole",
     "vae wan compiled chunked",
-    "vae wan compiled whole",
     "vae wan-light chunked",
-    "vae wan-light whole",
     "vae wan-light channels-last compiled chunked",
     "e2e eager fast path",
     "e2e compiled fast path",
@@ -61,6 +57,5 @@ def test_tiny_gpu_check_reports_every_row(tmp_path: Path) -> None:
     assert _number(rows["matmul"]["tflops"]) and _number(rows["dit eager sdpa"]["peak_fraction"])
     assert rows["attention sdpa"]["error"] < 1e-5  # fp32 SDPA against the fp32 reference
     assert 1e-3 < rows["dit eager fp8 linears"]["error"] < 4e-2  # the FP8 emulation really ran
-    for name in ("vae wan whole", "vae wan channels-last chunked", "vae wan channels-last whole"):
-        assert rows[name]["error"] < 1e-5, name  # fp32: layouts and chunking agree
-    assert rows["vae wan compiled chunked"]["error"] < 1e-5
+    for name in ("vae wan channels-last chunked", "vae wan compiled chunked"):
+        assert rows[name]["error"] < 1e-5, name  # fp32: layouts and compilation agree with the eager decode

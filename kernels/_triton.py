@@ -28,3 +28,20 @@ def _interpret_requested() -> bool:
 # triton.jit picks compiled vs interpreted when it decorates, and triton decorates its own tl.max/tl.sum when it is
 # imported, so TRITON_INTERPRET must be set before `import triton`; setting it later has no effect on this process.
 INTERPRETED = HAS_TRITON and _interpret_requested()
+
+
+@jit
+def round_to_e4m3(x):
+    """fp32 values (already within +-448) rounded to e4m3's grid, ties to even, as the GPU's `cvt.rn` rounds.
+
+    The interpreter's fp8 cast truncates; rounding first makes that cast exact. The grid: 3 mantissa bits for
+    normals (from 2^-6), steps of 2^-9 below.
+    """
+    mag = tl.abs(x)
+    ulp = tl.math.exp2(tl.math.floor(tl.math.log2(tl.maximum(mag, 0.015625))) - 3.0)
+    steps = mag / ulp
+    low = tl.math.floor(steps)
+    frac = steps - low
+    odd = (low - 2.0 * tl.math.floor(low * 0.5)) == 1.0
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    return tl.where(x < 0, -1.0, 1.0) * tl.where(up, low + 1.0, low) * ulp

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kernels._triton import HAS_TRITON, INTERPRETED, tl, triton
+from kernels._triton import HAS_TRITON, INTERPRETED, round_to_e4m3, tl, triton
 from kernels._triton import jit as _jit
 from kernels.fp8 import E4M3_MAX
 from kernels.triton_fp8 import quantize_blockwise
@@ -89,9 +89,8 @@ def _attn_tile(
     p = tl.math.exp2(s * row_scale[:, None] - (m_new - LOG2_P_SCALE)[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if IS_FP8 and INTERPRETER:  # round to e4m3's 3 mantissa bits (normals, then subnormals at 2^-9): exact cast
-        ulp = tl.math.exp2(tl.math.floor(tl.math.log2(tl.maximum(p, 0.015625))) - 3.0)
-        p = tl.math.floor(p / ulp + 0.5) * ulp
+    if IS_FP8 and INTERPRETER:  # its fp8 cast truncates
+        p = round_to_e4m3(p)
     p = p.to(p_dtype)  # also in the interpreter, so P is rounded as on the GPU
     if INTERPRETER:
         p = p.to(tl.float32)

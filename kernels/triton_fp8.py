@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-from kernels._triton import HAS_TRITON, INTERPRETED, tl, triton
+from kernels._triton import HAS_TRITON, INTERPRETED, round_to_e4m3, tl, triton
 from kernels._triton import jit as _jit
 from kernels.fp8 import _MIN_AMAX, E4M3_MAX, FP8_DTYPE, quantize_fp8_blockwise, quantize_fp8_rows
 
@@ -46,17 +46,8 @@ def _quantize_blocks_kernel(
     scale = tl.maximum(amax, MIN_AMAX) * (1.0 / FP8_MAX)
     y = tl.math.div_rn(x, scale)
     y = tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX)
-    if INTERPRETER:
-        # The interpreter's fp8 cast truncates; round to e4m3's grid first (3 mantissa bits for normals, steps of
-        # 2^-9 below 2^-6), ties to even as the GPU's cvt.rn does, so the cast below is exact.
-        mag = tl.abs(y)
-        ulp = tl.math.exp2(tl.math.floor(tl.math.log2(tl.maximum(mag, 0.015625))) - 3.0)
-        steps = mag / ulp
-        low = tl.math.floor(steps)
-        frac = steps - low
-        odd = (low - 2.0 * tl.math.floor(low * 0.5)) == 1.0
-        up = (frac > 0.5) | ((frac == 0.5) & odd)
-        y = tl.where(y < 0, -1.0, 1.0) * tl.where(up, low + 1.0, low) * ulp
+    if INTERPRETER:  # its fp8 cast truncates
+        y = round_to_e4m3(y)
     y_ptrs = Y + bh * N * D + offs_n[:, None] * D + offs_d[None, :]
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=inside)
     tl.store(S + bh * N_BLOCKS + blk, scale)

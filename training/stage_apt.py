@@ -35,6 +35,7 @@ from training.latents import LatentSet
 
 log = logging.getLogger("aptserve.training.apt")
 OPTIMIZERS = ("adam", "rmsprop")
+LR_SCHEDULES = ("constant", "linear")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class APTStageConfig:
     accumulate: int = 1  # micro-batches per D and per G update: an effective batch of batch_size * accumulate
     lr_g: float = 3e-6  # the paper's video value; small models want more (config files override)
     lr_d: float = 3e-6
+    lr_schedule: str = "constant"  # "linear": both lrs fall linearly from their value at step 0 to 0 after the last
     optimizer: str = "adam"  # "adam": Adam(betas=(0, alpha)), bias-corrected; "rmsprop": RMSprop(alpha)
     rmsprop_alpha: float = 0.9
     ema_decay: float = 0.995
@@ -68,6 +70,8 @@ class APTStageConfig:
 
     def __post_init__(self) -> None:
         check_loss(self.loss)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
         positive = {"steps": self.steps, "batch_size": self.batch_size, "accumulate": self.accumulate}
@@ -88,6 +92,19 @@ def make_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: APTStageConfi
     if cfg.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=lr, alpha=cfg.rmsprop_alpha, eps=1e-8, weight_decay=0.0)
     return torch.optim.Adam(params, lr=lr, betas=(0.0, cfg.rmsprop_alpha), eps=1e-8, weight_decay=0.0)
+
+
+def lr_factor(step: int, cfg: APTStageConfig) -> float:
+    """The multiplier of both learning rates at 0-based `step`; a function of the step alone, so a resumed run
+    continues the schedule without scheduler state."""
+    return 1.0 - step / cfg.steps if cfg.lr_schedule == "linear" else 1.0
+
+
+def set_learning_rates(parts: APTParts, step: int, cfg: APTStageConfig) -> None:
+    factor = lr_factor(step, cfg)
+    for opt, lr in ((parts.opt_g, cfg.lr_g), (parts.opt_d, cfg.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
 
 
 @dataclass
@@ -269,6 +286,7 @@ def train_apt(cfg: APTStageConfig, progress: bool = True) -> Path:
     trainer.resume()
 
     def step(i: int) -> dict[str, float]:
+        set_learning_rates(parts, i, cfg)
         return {**d_step(parts, data, cfg), **g_step(parts, data, cfg)}  # 1:1 alternation, D first
 
     if trainer.fit(step) < cfg.steps:

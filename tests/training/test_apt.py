@@ -16,7 +16,15 @@ from engines.text import TextEncoderConfig
 from training import stage_apt
 from training.discriminator import approx_r1, head_blocks, sample_d_timesteps
 from training.latents import LatentSet
-from training.stage_apt import APTStageConfig, d_losses, d_step, g_step, make_parts, train_apt
+from training.stage_apt import (
+    APTStageConfig,
+    d_losses,
+    d_step,
+    g_step,
+    make_parts,
+    set_learning_rates,
+    train_apt,
+)
 
 TEXT_DIM, TEXT_LEN, LATENT = 8, 4, (16, 5, 4, 4)
 DIT = DiTConfig(depth=6, hidden_size=64, num_heads=4, text_dim=TEXT_DIM, freq_dim=32)
@@ -208,6 +216,18 @@ def test_bad_config_values_raise():
         APTStageConfig(loss="hinge")
     with pytest.raises(ValueError, match="optimizer"):
         APTStageConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        APTStageConfig(lr_schedule="cosine")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_learning_rates_follow_the_schedule_by_step(parts, cfg, schedule):
+    cfg = dataclasses.replace(cfg, steps=4, lr_g=1e-5, lr_d=5e-5, lr_schedule=schedule)
+    expected = {"constant": [1.0, 1.0, 1.0, 1.0], "linear": [1.0, 0.75, 0.5, 0.25]}[schedule]
+    for step in (2, 0, 3, 1):  # a function of the step alone: a resumed run picks up where it stopped
+        set_learning_rates(parts, step, cfg)
+        assert [g["lr"] for g in parts.opt_g.param_groups] == [pytest.approx(1e-5 * expected[step])]
+        assert [g["lr"] for g in parts.opt_d.param_groups] == [pytest.approx(5e-5 * expected[step])]
 
 
 def read_steps(path) -> list[dict[str, str]]:

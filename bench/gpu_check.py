@@ -63,7 +63,7 @@ ROWS: dict[str, str] = {
     "dit eager triton": "one generator step, Triton attention",
     "dit eager fp8 linears": "+ FP8 linears, Triton attention (SDPA where Triton cannot run)",
     "dit eager fp8 linears + fp8 attention": "+ FP8 linears and FP8 Triton attention",
-    "dit compiled fp8 linears": "+ torch.compile of the blocks, FP8 linears, Triton attention",
+    "dit compiled fp8 linears": "+ torch.compile of the blocks, FP8 linears, the faster eager FP8 row's attention",
     "vae wan chunked": "Wan-sized decoder, latent frame by latent frame, each chunk to host uint8 (as the server does)",
     "vae wan channels-last chunked": "NDHWC activations",
     "vae wan compiled chunked": "torch.compile of the decoder (pointwise work fused around the convs)",
@@ -421,7 +421,7 @@ def dit_section(report: Report, state: dict[str, Any]) -> None:
     }
     timed = {impl: row.seconds for impl, row in candidates.items() if row.status == "ok" and row.seconds}
     if "dit" in state and timed and quantized_layer_names(state["dit"]):
-        state["dit"].attention_impl = min(timed, key=timed.get)
+        state["fast_attention"] = state["dit"].attention_impl = min(timed, key=timed.get)
         state["dit_fast"] = state["dit"]
 
 

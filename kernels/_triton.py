@@ -12,6 +12,10 @@ try:
 except ImportError:
     triton = tl = None
     HAS_TRITON = False
+try:  # host-side TMA descriptors (triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 # Without triton a kernel stays a plain function (never called: each module's unsupported_reason says why); postponed
 # annotations keep its `tl.constexpr` hints from being evaluated.

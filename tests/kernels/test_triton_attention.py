@@ -45,6 +45,14 @@ def test_kernels_under_interpreter():
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
 
 
+@pytest.fixture(params=["tma", "pointers"])
+def loads(request, monkeypatch):
+    """Both ways the kernel loads Q/K/V tiles: TMA tensor descriptors (Hopper; the interpreter runs them too) and
+    plain pointer loads (older GPUs, or layouts TMA cannot address)."""
+    monkeypatch.setattr(module, "USE_TMA", request.param == "tma")
+    return request.param
+
+
 def make_qkv(b, h, nq, nk, d, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, n, d, generator=g).to(device=DEVICE, dtype=dtype) for n in (nq, nk, nk)]
@@ -95,7 +103,7 @@ def rel_err(out, ref):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize(("nq", "nk"), [(1, 17), (17, 130), (67, 67), (130, 1)])
-def test_error_within_2x_plain_torch(nq, nk, d, dtype, mask_kind):
+def test_error_within_2x_plain_torch(nq, nk, d, dtype, mask_kind, loads):
     q, k, v = make_qkv(2, 2, nq, nk, d, dtype)
     mask = make_mask(mask_kind, 2, nk)
     v = poison_masked_values(v, mask)
@@ -119,11 +127,37 @@ def test_fully_masked_rows_are_zero_not_nan():
 
 
 @needs_kernels
-def test_non_contiguous_inputs_match_contiguous():
+def test_non_contiguous_inputs_match_contiguous(loads):
     q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in make_qkv(1, 2, 33, 67, 64, torch.float16))
     assert not q.is_contiguous()
     out = triton_attention(q, k, v)
     torch.testing.assert_close(out, triton_attention(q.contiguous(), k.contiguous(), v.contiguous()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("op", [triton_attention, triton_attention_fp8])
+@pytest.mark.parametrize(("nq", "nk", "d"), [(17, 130, 64), (130, 67, 128)])
+def test_tma_and_pointer_loads_agree(op, nq, nk, d, monkeypatch):
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in make_qkv(2, 3, nq, nk, d, torch.bfloat16))
+    mask = make_mask("most", 2, nk)
+    assert module._tma_usable(q, k, v) == (DEVICE == "cpu" or torch.cuda.get_device_capability() >= (9, 0))
+    out_tma = op(q, k, v, mask)
+    monkeypatch.setattr(module, "USE_TMA", False)
+    out_pointers = op(q, k, v, mask)
+    if DEVICE == "cpu":  # the same arithmetic on the same values, whichever way they were loaded
+        assert torch.equal(out_tma, out_pointers)
+    else:
+        torch.testing.assert_close(out_tma, out_pointers, rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
+def test_layouts_tma_cannot_address_take_pointer_loads():
+    q, k, v = make_qkv(1, 2, 33, 67, 64, torch.bfloat16)
+    assert module._tma_usable(q, k, v) == (DEVICE == "cpu" or torch.cuda.get_device_capability() >= (9, 0))
+    wide = torch.randn(1, 2, 33, 65, dtype=torch.bfloat16, device=DEVICE)
+    shifted = wide[..., 1:]  # base 2 bytes past a 16-byte boundary and rows of 130 bytes: no descriptor fits
+    assert not module._tma_usable(shifted, k, v)
+    torch.testing.assert_close(triton_attention(shifted, k, v), triton_attention(shifted.contiguous(), k, v))
 
 
 def fp8_emulated(q, k, v, mask):
@@ -141,7 +175,7 @@ def fp8_emulated(q, k, v, mask):
 @pytest.mark.parametrize("mask_kind", [None, "half"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("nq", "nk", "d"), [(17, 130, 64), (130, 67, 128)])
-def test_fp8_relative_error(nq, nk, d, dtype, mask_kind):
+def test_fp8_relative_error(nq, nk, d, dtype, mask_kind, loads):
     q, k, v = make_qkv(2, 2, nq, nk, d, dtype, seed=1)
     mask = make_mask(mask_kind, 2, nk)
     ref = reference(q, k, v, mask)

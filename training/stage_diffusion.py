@@ -37,6 +37,10 @@ class DiffusionStageConfig:
     height: int = 64
     width: int = 64
     dit: str = "tiny"  # generator preset
+    # A teacher checkpoint folder to continue from (its DiT weights start the model and the EMA; the optimiser starts
+    # fresh, with the warm-up): more training for a teacher whose run folder is gone. Its DiT config and latent
+    # normalisation must be the ones this config trains.
+    init: str | None = None
     steps: int = 5000
     batch_size: int = 32
     lr: float = 3e-4
@@ -117,6 +121,19 @@ def lr_at(step: int, cfg: DiffusionStageConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
+def load_init(model: MMDiT, folder: str, vae_config: VAEConfig) -> None:
+    """Copy a teacher checkpoint's DiT weights into `model`, refusing one trained in another space or shape."""
+    config, modules = load_components(folder, ("dit",))
+    if config.dit != model.config:
+        raise ValueError(f"init {folder}: its DiT config {config.dit} differs from this run's {model.config}")
+    if (config.vae.latent_mean, config.vae.latent_std) != (vae_config.latent_mean, vae_config.latent_std):
+        raise ValueError(f"init {folder}: its latent normalisation differs from this run's (latent_norm, latents)")
+    with torch.no_grad():
+        for name, value in modules["dit"].state_dict().items():
+            model.state_dict()[name].copy_(value)
+    log.info("initialised from %s", folder)
+
+
 def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig, vae_config: VAEConfig) -> Path:
     base, modules = load_components(cfg.vae, ("vae",))
     vae = CausalVAE(vae_config)
@@ -156,6 +173,8 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
     latents = latents.normalised_as(vae_config)
     model = MMDiT(DIT_PRESETS[cfg.dit])
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
+    if cfg.init is not None:
+        load_init(model, cfg.init, vae_config)
     ema = EMA(model, cfg.ema_decay, warmup=True)  # from random weights: no share of the init
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     run = RunDir(cfg.out)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engines.config import MODEL_PRESETS
+from engines.dit import MMDiT
 from engines.loading import load_checkpoint, load_components, save_checkpoint, storage_dtype
 from engines.pipeline import Pipeline
 from engines.text import CachedTextEncoder
@@ -21,7 +22,7 @@ from engines.vae import CausalVAE
 from training.common import EMA, autocast, compute_dtype, load_stage_config
 from training.data import ShapesDataset, held_out_combinations, is_held_out, shapes_sample
 from training.latents import LatentSet
-from training.stage_diffusion import DiffusionStageConfig, train_diffusion
+from training.stage_diffusion import DiffusionStageConfig, load_init, train_diffusion
 from training.stage_distill import DistillStageConfig, train_distill
 from training.stage_vae import VAEStageConfig, train_vae
 
@@ -157,6 +158,19 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
     assert latents.latent_std == config.vae.latent_std  # encoded in the VAE's own normalisation
     assert (teacher.config.vae.latent_mean, teacher.config.vae.latent_std) == latents.raw_channel_statistics()
     assert len(teacher.config.vae.latent_std) == teacher.config.vae.latent_channels
+    # more training for an exported teacher: its weights start the model, in the same latent space only
+    more_teacher = dataclasses.replace(
+        diffusion, out=str(tmp_path / "teacher2"), export=str(tmp_path / "teacher2-ckpt"), steps=1,
+        init=str(tmp_path / "teacher-ckpt"),
+    )  # fmt: skip
+    train_diffusion(more_teacher, progress=False)
+    assert load_checkpoint(tmp_path / "teacher2-ckpt").config.vae == teacher.config.vae
+    started = MMDiT(teacher.config.dit)
+    load_init(started, str(tmp_path / "teacher-ckpt"), teacher.config.vae)
+    for name, p in teacher.dit.state_dict().items():
+        torch.testing.assert_close(started.state_dict()[name], p.float())
+    with pytest.raises(ValueError, match="latent normalisation"):
+        train_diffusion(dataclasses.replace(more_teacher, out=str(tmp_path / "t3"), latent_norm="vae"), progress=False)
 
     distill = DistillStageConfig(
         out=str(tmp_path / "cd"),

@@ -66,7 +66,7 @@ def main() -> int:
         with torch.no_grad():
             fake = sample(modules["dit"].eval(), config, noise, text, mask, data.empty_text(args.samples), args.steps)
         # generated in the model's own latent normalisation, compared in the real latents'
-        fake = renormalise(fake, (config.vae.latent_mean, config.vae.latent_std), (data.latent_mean, data.latent_std))
+        fake = renormalise(fake, config.vae.normalisation, data.normalisation)
         print(f"| {name} | {fake.std().item():.3f} | {difference_energy(fake):.3f} | {frame_stds(fake)} |")
     return 0
 

@@ -37,11 +37,36 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+# (latent_mean, latent_std, first_frames_mean, first_frames_std) as VAEConfig holds them
+LatentNormalisation = tuple[
+    float | tuple[float, ...], float | tuple[float, ...], tuple[tuple[float, ...], ...], tuple[tuple[float, ...], ...]
+]
+
+
 def _broadcastable(value: float | tuple[float, ...], like: Tensor) -> Tensor | float:
     """A scalar as is; per-channel values as a (1, C, 1, 1, 1) tensor on `like`'s device and dtype."""
     if isinstance(value, tuple):
         return torch.tensor(value, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
     return value
+
+
+def normalisation_tensors(
+    norm: LatentNormalisation, like: Tensor, first_frame: int = 0
+) -> tuple[Tensor | float, Tensor | float]:
+    """(mean, std) of `norm` ready to broadcast against (B, C, F, h, w) latents like `like` whose first frame is
+    latent frame `first_frame` of its clip: scalars or (1, C, 1, 1, 1) when no frame is normalised apart, else
+    (1, C, F, 1, 1) with the first frames' own statistics."""
+    mean, std, head_mean, head_std = norm
+    if first_frame >= len(head_std):
+        return _broadcastable(mean, like), _broadcastable(std, like)
+    frames, channels = like.shape[2], like.shape[1]
+
+    def per_frame(base: float | tuple[float, ...], head: tuple[tuple[float, ...], ...]) -> Tensor:
+        rest = base if isinstance(base, tuple) else (base,) * channels
+        rows = [head[f] if f < len(head) else rest for f in range(first_frame, first_frame + frames)]
+        return torch.tensor(rows, dtype=like.dtype, device=like.device).t().reshape(1, channels, frames, 1, 1)
+
+    return per_frame(mean, head_mean), per_frame(std, head_std)
 
 
 def _conv3d(conv: nn.Conv3d, x: Tensor) -> Tensor:
@@ -276,6 +301,11 @@ class VAEConfig:
     # encode returns (mu - latent_mean) / latent_std: one scalar each, or one value per latent channel
     latent_mean: float | tuple[float, ...] = 0.0
     latent_std: float | tuple[float, ...] = 1.0
+    # Per-channel statistics for each of the first latent frames apart (frame k uses row k; later frames use
+    # latent_mean/latent_std). A causal VAE encodes frame 0 alone, and its first latent frames are much quieter
+    # than the rest: under one shared scale the same noise level buries them long before the others.
+    first_frames_mean: tuple[tuple[float, ...], ...] = ()
+    first_frames_std: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self) -> None:
         counts = {"in_channels": self.in_channels, "latent_channels": self.latent_channels}
@@ -298,10 +328,31 @@ class VAEConfig:
         stds = self.latent_std if isinstance(self.latent_std, tuple) else (self.latent_std,)
         if not all(s > 0 for s in stds):
             raise ValueError(f"VAEConfig.latent_std must be > 0, got {self.latent_std}")
+        for name in ("first_frames_mean", "first_frames_std"):  # JSON gives lists of lists
+            object.__setattr__(self, name, tuple(tuple(float(v) for v in row) for row in getattr(self, name)))
+        if len(self.first_frames_mean) != len(self.first_frames_std):
+            raise ValueError(
+                f"VAEConfig.first_frames_mean and first_frames_std must cover the same frames, got "
+                f"{len(self.first_frames_mean)} and {len(self.first_frames_std)}"
+            )
+        for row in self.first_frames_mean + self.first_frames_std:
+            if len(row) != self.latent_channels:
+                raise ValueError(
+                    f"VAEConfig.first_frames_mean/std rows must hold one value per latent channel "
+                    f"({self.latent_channels}), got {len(row)}"
+                )
+        if not all(s > 0 for row in self.first_frames_std for s in row):
+            raise ValueError(f"VAEConfig.first_frames_std must be > 0, got {self.first_frames_std}")
 
-    def latent_statistics(self, like: Tensor) -> tuple[Tensor | float, Tensor | float]:
-        """(mean, std) ready to broadcast against (B, C, F, h, w) tensors like `like`."""
-        return _broadcastable(self.latent_mean, like), _broadcastable(self.latent_std, like)
+    @property
+    def normalisation(self) -> LatentNormalisation:
+        """Everything that maps raw latents to normalised ones; equal normalisations mean the same latent space."""
+        return (self.latent_mean, self.latent_std, self.first_frames_mean, self.first_frames_std)
+
+    def latent_statistics(self, like: Tensor, first_frame: int = 0) -> tuple[Tensor | float, Tensor | float]:
+        """(mean, std) ready to broadcast against (B, C, F, h, w) tensors like `like`, whose first frame is latent
+        frame `first_frame` of the clip (streaming decode passes later frames alone)."""
+        return normalisation_tensors(self.normalisation, like, first_frame)
 
     @property
     def spatial_factor(self) -> int:
@@ -467,7 +518,7 @@ class CausalVAE(nn.Module):
     def decode_chunk(self, latent_frame: Tensor, cache: DecodeCache) -> tuple[Tensor, DecodeCache]:
         """Decode the next latent frame(s) (B, latent, T, h, w): 1 + 4(T-1) frames on the first call, 4T after."""
         self._check_latent(latent_frame)
-        video, convs = self.decoder(self._decoder_input(latent_frame), cache.convs)
+        video, convs = self.decoder(self._decoder_input(latent_frame, cache.latent_frames_decoded), cache.convs)
         assert convs is not None
         return video, DecodeCache(convs, cache.latent_frames_decoded + latent_frame.shape[2])
 
@@ -478,12 +529,12 @@ class CausalVAE(nn.Module):
             video, cache = self.decode_chunk(latent[:, :, t : t + 1], cache)
             yield video
 
-    def _denormalize(self, latent: Tensor) -> Tensor:
-        latent_mean, latent_std = self.config.latent_statistics(latent)
+    def _denormalize(self, latent: Tensor, first_frame: int = 0) -> Tensor:
+        latent_mean, latent_std = self.config.latent_statistics(latent, first_frame)
         return latent * latent_std + latent_mean
 
-    def _decoder_input(self, latent: Tensor) -> Tensor:
-        z = self._denormalize(latent)
+    def _decoder_input(self, latent: Tensor, first_frame: int = 0) -> Tensor:
+        z = self._denormalize(latent, first_frame)
         return z.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else z
 
     def _check_video(self, video: Tensor) -> None:

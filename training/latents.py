@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from engines.text import TextEncoder
-from engines.vae import CausalVAE, VAEConfig
+from engines.vae import CausalVAE, LatentNormalisation, VAEConfig, normalisation_tensors
 from training.common import autocast
 from training.data import ShapesDataset
 
@@ -25,9 +25,16 @@ class LatentSet:
     captions: list[str]
     text_tokens: torch.Tensor  # (U, L, D) one row per unique caption; row 0 is the empty prompt
     text_mask: torch.Tensor  # (U, L) bool
-    # the normalisation `latents` are in: latents = (mu - latent_mean) / latent_std, per channel or scalar
+    # the normalisation `latents` are in: latents = (mu - latent_mean) / latent_std, per channel or scalar, with
+    # the first latent frames' own per-channel statistics where first_frames_std has rows (VAEConfig's fields)
     latent_mean: float | tuple[float, ...]
     latent_std: float | tuple[float, ...]
+    first_frames_mean: tuple[tuple[float, ...], ...] = ()
+    first_frames_std: tuple[tuple[float, ...], ...] = ()
+
+    @property
+    def normalisation(self) -> LatentNormalisation:
+        return (self.latent_mean, self.latent_std, self.first_frames_mean, self.first_frames_std)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -55,43 +62,55 @@ class LatentSet:
             raise ValueError(f"{path} does not record its latent normalisation; delete it to encode it again")
         return cls(**fields)
 
-    def raw_channel_statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel mean and std of the unnormalised latents (over clips, frames and positions)."""
-        mean, std = _as_tensor(self.latent_mean), _as_tensor(self.latent_std)
-        sums = torch.zeros(self.latents.shape[1], dtype=torch.float64)
+    def raw_statistics(self, first_frames: int = 0) -> LatentNormalisation:
+        """Per-channel mean and std of the unnormalised latents over clips and positions: for each of the first
+        `first_frames` latent frames apart, and over the remaining frames (all of them when `first_frames` is 0)."""
+        frames = self.latents.shape[2]
+        if not 0 <= first_frames < frames:
+            raise ValueError(f"first_frames must be in [0, {frames}) for {frames}-frame latents; got {first_frames}")
+        channels = self.latents.shape[1]
+        sums = torch.zeros(channels, first_frames + 1, dtype=torch.float64)  # column k < first_frames: frame k
         squares = torch.zeros_like(sums)
         for chunk in self.latents.split(512):
-            raw = chunk.double() * std + mean
-            sums += raw.sum(dim=(0, 2, 3, 4))
-            squares += raw.square().sum(dim=(0, 2, 3, 4))
-        count = self.latents.numel() // self.latents.shape[1]
-        means = sums / count
-        stds = (squares / count - means.square()).clamp_min(0).sqrt()
-        return tuple(round(v, 6) for v in means.tolist()), tuple(round(v, 6) for v in stds.tolist())
+            raw = renormalise(chunk.double(), self.normalisation, (0.0, 1.0, (), ()))
+            for k in range(first_frames + 1):
+                part = raw[:, :, k] if k < first_frames else raw[:, :, first_frames:]
+                sums[:, k] += part.transpose(0, 1).reshape(channels, -1).sum(1)
+                squares[:, k] += part.square().transpose(0, 1).reshape(channels, -1).sum(1)
+        per_frame = self.latents[:, 0, 0].numel()
+        counts = torch.tensor([per_frame] * first_frames + [per_frame * (frames - first_frames)], dtype=torch.float64)
+        means = sums / counts
+        stds = (squares / counts - means.square()).clamp_min(0).sqrt()
+
+        def rounded(column: torch.Tensor) -> tuple[float, ...]:
+            return tuple(round(v, 6) for v in column.tolist())
+
+        head = range(first_frames)
+        return (
+            rounded(means[:, -1]),
+            rounded(stds[:, -1]),
+            tuple(rounded(means[:, k]) for k in head),
+            tuple(rounded(stds[:, k]) for k in head),
+        )
 
     def normalised_as(self, vae: VAEConfig) -> LatentSet:
         """The same set in `vae`'s latent normalisation (a generator trained on it sees what its VAE encodes)."""
-        if (vae.latent_mean, vae.latent_std) == (self.latent_mean, self.latent_std):
+        if vae.normalisation == self.normalisation:
             return self
-        old = (self.latent_mean, self.latent_std)
-        new = (vae.latent_mean, vae.latent_std)
-        latents = torch.cat([renormalise(chunk, old, new) for chunk in self.latents.split(512)])
-        fields = {**self.__dict__, "latents": latents, "latent_mean": vae.latent_mean, "latent_std": vae.latent_std}
+        latents = torch.cat(
+            [renormalise(chunk, self.normalisation, vae.normalisation) for chunk in self.latents.split(512)]
+        )
+        fields = {**self.__dict__, "latents": latents}
+        fields |= dict(zip(("latent_mean", "latent_std", "first_frames_mean", "first_frames_std"), vae.normalisation))
         return LatentSet(**fields)
 
 
-Statistics = tuple[float | tuple[float, ...], float | tuple[float, ...]]  # (latent_mean, latent_std)
-
-
-def renormalise(x: torch.Tensor, old: Statistics, new: Statistics) -> torch.Tensor:
-    """Latents (N, C, F, h, w) normalised with `old` (mean, std) re-expressed in `new`'s, in x's dtype."""
-    raw = x.double() * _as_tensor(old[1]) + _as_tensor(old[0])
-    return ((raw - _as_tensor(new[0])) / _as_tensor(new[1])).to(x.dtype)
-
-
-def _as_tensor(value: float | tuple[float, ...]) -> torch.Tensor:
-    """A scalar or per-channel statistic as a float64 tensor broadcasting against (N, C, F, h, w)."""
-    return torch.tensor(value, dtype=torch.float64).reshape(1, -1, 1, 1, 1)
+def renormalise(x: torch.Tensor, old: LatentNormalisation, new: LatentNormalisation) -> torch.Tensor:
+    """Latents (N, C, F, h, w) normalised with `old` re-expressed in `new`'s, in x's dtype (computed in float64)."""
+    like = x.double()
+    old_mean, old_std = normalisation_tensors(old, like)
+    new_mean, new_std = normalisation_tensors(new, like)
+    return ((like * old_std + old_mean - new_mean) / new_std).to(x.dtype)
 
 
 @torch.no_grad()
@@ -133,4 +152,4 @@ def precompute(
     tokens, mask = encode_captions(text_encoder, unique)
     ids = torch.tensor([index[c] for c in caption_of])
     log.info("encoded %d clips with %d distinct captions", count, len(unique) - 1)
-    return LatentSet(torch.cat(latents), ids, unique, tokens, mask, vae.config.latent_mean, vae.config.latent_std)
+    return LatentSet(torch.cat(latents), ids, unique, tokens, mask, *vae.config.normalisation)

@@ -248,7 +248,7 @@ def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, Causal
     """Load teacher, student and latents; the returned config is what the exported one-step model carries."""
     teacher_config, teacher = load_components(cfg.teacher, ("dit", "vae"))
     student_config, student = load_components(cfg.generator, ("dit",))
-    normalisations = {(c.vae.latent_mean, c.vae.latent_std) for c in (teacher_config, student_config)}
+    normalisations = {c.vae.normalisation for c in (teacher_config, student_config)}
     if len(normalisations) > 1:
         raise ValueError(
             f"{cfg.generator} and {cfg.teacher} use different latent normalisations; "

@@ -31,16 +31,20 @@ class DiffusionStageConfig:
     latent_clips: int = 6000
     latent_seed: int = 0
     # "vae": the VAE's own latent normalisation; "channel": each latent channel scaled to zero mean and unit std
-    # over the encoded training clips (the statistics travel in the exported VAE config, so sampling decodes right)
+    # over the encoded training clips (the statistics travel in the exported VAE config, so sampling decodes right);
+    # "frames": the same, with each of the first `latent_first_frames` latent frames given its own statistics
     latent_norm: str = "vae"
+    latent_first_frames: int = 3
     frames: int = 49
     height: int = 64
     width: int = 64
     dit: str = "tiny"  # generator preset
     # A teacher checkpoint folder to continue from (its DiT weights start the model and the EMA; the optimiser starts
     # fresh, with the warm-up): more training for a teacher whose run folder is gone. Its DiT config and latent
-    # normalisation must be the ones this config trains.
+    # normalisation must be the ones this config trains, unless `init_other_normalisation`: then a teacher trained
+    # in another latent normalisation starts the run and its weights adapt to this one.
     init: str | None = None
+    init_other_normalisation: bool = False
     steps: int = 5000
     batch_size: int = 32
     lr: float = 3e-4
@@ -83,19 +87,23 @@ def ensure_latents(
     return latents
 
 
-LATENT_NORMS = ("vae", "channel")
+LATENT_NORMS = ("vae", "channel", "frames")
 
 
-def latent_normalisation(latents: LatentSet, vae: VAEConfig, kind: str) -> VAEConfig:
+def latent_normalisation(latents: LatentSet, vae: VAEConfig, kind: str, first_frames: int = 3) -> VAEConfig:
     """The VAE config whose normalisation the generator is trained in."""
     if kind not in LATENT_NORMS:
         raise ValueError(f"unknown latent_norm {kind!r}; choose one of {LATENT_NORMS}")
     if kind == "vae":
         return vae
-    mean, std = latents.raw_channel_statistics()
+    mean, std, head_mean, head_std = latents.raw_statistics(first_frames if kind == "frames" else 0)
     log.info("per-channel latent mean %s", " ".join(f"{v:.3f}" for v in mean))
     log.info("per-channel latent std %s", " ".join(f"{v:.3f}" for v in std))
-    return dataclasses.replace(vae, latent_mean=mean, latent_std=std)
+    for k, row in enumerate(head_std):
+        log.info("latent frame %d: per-channel std %s", k, " ".join(f"{v:.3f}" for v in row))
+    return dataclasses.replace(
+        vae, latent_mean=mean, latent_std=std, first_frames_mean=head_mean, first_frames_std=head_std
+    )
 
 
 def sample_timesteps(n: int, cfg: DiffusionStageConfig) -> torch.Tensor:
@@ -121,13 +129,17 @@ def lr_at(step: int, cfg: DiffusionStageConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
-def load_init(model: MMDiT, folder: str, vae_config: VAEConfig) -> None:
-    """Copy a teacher checkpoint's DiT weights into `model`, refusing one trained in another space or shape."""
+def load_init(model: MMDiT, folder: str, vae_config: VAEConfig, other_normalisation: bool = False) -> None:
+    """Copy a teacher checkpoint's DiT weights into `model`, refusing one of another shape, and one trained in
+    another latent space unless `other_normalisation` says the run is meant to move it there."""
     config, modules = load_components(folder, ("dit",))
     if config.dit != model.config:
         raise ValueError(f"init {folder}: its DiT config {config.dit} differs from this run's {model.config}")
-    if (config.vae.latent_mean, config.vae.latent_std) != (vae_config.latent_mean, vae_config.latent_std):
-        raise ValueError(f"init {folder}: its latent normalisation differs from this run's (latent_norm, latents)")
+    if config.vae.normalisation != vae_config.normalisation and not other_normalisation:
+        raise ValueError(
+            f"init {folder}: its latent normalisation differs from this run's (latent_norm, latents); "
+            "set init_other_normalisation to train it into this one"
+        )
     with torch.no_grad():
         for name, value in modules["dit"].state_dict().items():
             model.state_dict()[name].copy_(value)
@@ -169,12 +181,13 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
         progress,
         cfg.compute_dtype,
     )
-    vae_config = latent_normalisation(latents, load_components(cfg.vae, ("vae",))[0].vae, cfg.latent_norm)
+    vae = load_components(cfg.vae, ("vae",))[0].vae
+    vae_config = latent_normalisation(latents, vae, cfg.latent_norm, cfg.latent_first_frames)
     latents = latents.normalised_as(vae_config)
     model = MMDiT(DIT_PRESETS[cfg.dit])
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
     if cfg.init is not None:
-        load_init(model, cfg.init, vae_config)
+        load_init(model, cfg.init, vae_config, cfg.init_other_normalisation)
     ema = EMA(model, cfg.ema_decay, warmup=True)  # from random weights: no share of the init
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     run = RunDir(cfg.out)

@@ -90,6 +90,9 @@ def test_bad_inputs_raise(model: CausalVAE) -> None:
         ({"latent_std": 0.0}, "latent_std must be > 0, got 0.0"),
         ({"latent_std": (1.0,) * 15 + (0.0,)}, "latent_std must be > 0"),
         ({"latent_mean": (0.0, 1.0)}, r"latent_mean must be one number or one per latent channel \(16\), got 2"),
+        ({"first_frames_mean": ((0.0,) * 16,)}, "first_frames_mean and first_frames_std must cover the same frames"),
+        ({"first_frames_mean": ((0.0,) * 15,), "first_frames_std": ((1.0,) * 15,)}, r"one value per latent channel"),
+        ({"first_frames_mean": ((0.0,) * 16,), "first_frames_std": ((1.0,) * 15 + (0.0,),)}, "first_frames_std must"),
     ],
 )
 def test_bad_config_raises(kwargs: dict, message: str) -> None:
@@ -121,6 +124,41 @@ def test_per_channel_statistics_normalise_each_channel(model: CausalVAE) -> None
         torch.testing.assert_close(z[:, c], (mean[:, c] - means[c]) / stds[c])
     # decode undoes the per-channel scaling: the decoder sees the same raw latents as the scalar model's
     torch.testing.assert_close(per_channel.decode(z), model.decode(model.encode(video)), atol=1e-5, rtol=1e-5)
+
+
+def _first_frames_apart(model: CausalVAE, frames: int = 2) -> tuple[CausalVAE, list[list[float]], list[list[float]]]:
+    """`model`'s weights with per-channel statistics and the first `frames` latent frames normalised apart."""
+    head_mean = [[0.05 * (c - k) for c in range(16)] for k in range(frames)]
+    head_std = [[0.2 + 0.1 * k + 0.01 * c for c in range(16)] for k in range(frames)]  # lists: as JSON loads them
+    config = VAEConfig(
+        **{
+            **SMALL.__dict__,
+            "latent_mean": tuple(0.1 * c for c in range(16)),
+            "latent_std": tuple(0.5 + 0.25 * c for c in range(16)),
+            "first_frames_mean": head_mean,
+            "first_frames_std": head_std,
+        }
+    )
+    assert isinstance(config.first_frames_std[1], tuple) and len(config.normalisation) == 4
+    apart = CausalVAE(config).eval()
+    apart.load_state_dict(model.state_dict())
+    return apart, head_mean, head_std
+
+
+@torch.no_grad()
+def test_first_latent_frames_normalised_apart(model: CausalVAE) -> None:
+    apart, head_mean, head_std = _first_frames_apart(model)
+    video = _video(13)  # 4 latent frames: two with their own statistics, two with the channels'
+    mean, _ = model.encode_distribution(video)
+    z = apart.encode(video)
+    for c in (0, 9):
+        for k in (0, 1):
+            torch.testing.assert_close(z[:, c, k], (mean[:, c, k] - head_mean[k][c]) / head_std[k][c])
+        torch.testing.assert_close(z[:, c, 2:], (mean[:, c, 2:] - 0.1 * c) / (0.5 + 0.25 * c))
+    # decode undoes it, whole or streamed one latent frame at a time (each chunk knows its frame index)
+    reference = model.decode(model.encode(video))
+    torch.testing.assert_close(apart.decode(z), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(_chunked(apart, z), dim=2), reference, atol=1e-5, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

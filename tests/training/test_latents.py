@@ -33,7 +33,8 @@ OFFSET = torch.linspace(-0.3, 0.3, 16, dtype=torch.float64)
 
 
 def test_raw_channel_statistics_undo_the_stored_normalisation():
-    mean, std = latent_set(SCALE, OFFSET).raw_channel_statistics()
+    mean, std, head_mean, head_std = latent_set(SCALE, OFFSET).raw_statistics()
+    assert head_mean == head_std == ()
     assert len(mean) == len(std) == 16
     torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), OFFSET, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), SCALE, atol=1e-5, rtol=0)
@@ -58,7 +59,7 @@ def test_channel_normalisation_gives_unit_channels_and_converts_back():
 def test_renormalise_is_the_affine_map_between_two_normalisations():
     x = torch.randn(2, 16, 3, 2, 2)
     new = (tuple(range(16)), tuple(0.5 + c for c in range(16)))
-    y = renormalise(x, (0.1, 1.5), new)
+    y = renormalise(x, (0.1, 1.5, (), ()), (*new, (), ()))
     for c in (0, 9):
         torch.testing.assert_close(y[:, c], (x[:, c] * 1.5 + 0.1 - c) / (0.5 + c))
 
@@ -77,3 +78,25 @@ def test_a_latent_file_without_its_normalisation_is_refused(tmp_path):
     torch.save(fields, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="does not record its latent normalisation"):
         LatentSet.load(tmp_path / "old.pt")
+
+
+def test_first_frames_normalised_apart():
+    data = latent_set(SCALE, OFFSET)
+    quiet = data.latents.clone()
+    quiet[:, :, 0] = quiet[:, :, 0] * 0.25 + 0.3  # a quieter, shifted first latent frame, as a causal VAE's
+    data = dataclasses.replace(data, latents=quiet)
+    vae = latent_normalisation(data, VAEConfig(latent_mean=0.5, latent_std=2.0), "frames", first_frames=2)
+    assert len(vae.first_frames_mean) == len(vae.first_frames_std) == 2
+    apart = data.normalised_as(vae)
+    z = apart.latents.double()
+    for frames in (z[:, :, 0], z[:, :, 1], z[:, :, 2:]):  # each first frame alone, then the rest: unit channels
+        per_channel = frames.transpose(0, 1).reshape(16, -1)
+        torch.testing.assert_close(per_channel.mean(1), torch.zeros(16, dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            per_channel.std(1, correction=0), torch.ones(16, dtype=torch.float64), atol=1e-4, rtol=0
+        )
+    assert apart.normalisation == vae.normalisation
+    back = apart.normalised_as(VAEConfig(latent_mean=0.5, latent_std=2.0))
+    torch.testing.assert_close(back.latents, data.latents, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="first_frames must be in"):
+        data.raw_statistics(first_frames=13)

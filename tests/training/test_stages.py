@@ -156,7 +156,7 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
     # trained on per-channel normalised latents; the statistics travel with the checkpoint's VAE
     latents = LatentSet.load(tmp_path / "latents.pt")
     assert latents.latent_std == config.vae.latent_std  # encoded in the VAE's own normalisation
-    assert (teacher.config.vae.latent_mean, teacher.config.vae.latent_std) == latents.raw_channel_statistics()
+    assert teacher.config.vae.normalisation == latents.raw_statistics()
     assert len(teacher.config.vae.latent_std) == teacher.config.vae.latent_channels
     # more training for an exported teacher: its weights start the model, in the same latent space only
     more_teacher = dataclasses.replace(
@@ -171,6 +171,15 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
         torch.testing.assert_close(started.state_dict()[name], p.float())
     with pytest.raises(ValueError, match="latent normalisation"):
         train_diffusion(dataclasses.replace(more_teacher, out=str(tmp_path / "t3"), latent_norm="vae"), progress=False)
+    # ... or moved on purpose into another one: here the first latent frame normalised apart
+    moved = dataclasses.replace(
+        more_teacher, out=str(tmp_path / "t4"), export=str(tmp_path / "t4-ckpt"), latent_norm="frames",
+        latent_first_frames=1, init_other_normalisation=True,
+    )  # fmt: skip
+    train_diffusion(moved, progress=False)
+    moved_vae = load_checkpoint(tmp_path / "t4-ckpt").config.vae  # through the checkpoint's JSON
+    assert moved_vae.normalisation == latents.raw_statistics(first_frames=1) != teacher.config.vae.normalisation
+    assert len(moved_vae.first_frames_std) == 1 and len(moved_vae.first_frames_std[0]) == moved_vae.latent_channels
 
     distill = DistillStageConfig(
         out=str(tmp_path / "cd"),

@@ -91,7 +91,8 @@ def run_analyze(args: argparse.Namespace) -> int:
     import av
     import numpy as np
 
-    from training.analyzer import analyze, named_attributes
+    from training.analyzer import analyze
+    from training.data import named_attributes
 
     expected = named_attributes(args.prompt) if args.prompt else {}
     missed = False

@@ -12,13 +12,12 @@ with the background best explains the most distinct pixels.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
-from training.data import BACKGROUNDS, COLOURS, MOTIONS, SHAPES, SIZES, SPEEDS, ShapeSpec
+from training.data import BACKGROUNDS, COLOURS, SHAPES, SIZES, SPEEDS, ShapeSpec
 
 ATTRIBUTES = ("colour", "shape", "motion")  # the three a caption must get right; "all" means these three
 # |c_k| / area^(1 + k/2) of each shape's own symmetry order, measured on clean 64x64 renders (any size, any frame).
@@ -64,26 +63,6 @@ def analyze(video: np.ndarray) -> Reading:
         speed=classify_speed(motion, travel, area[visible], shape, side),
         visible_frames=int(visible.sum()),
     )
-
-
-def named_attributes(prompt: str) -> dict[str, str]:
-    """The attributes a free-form prompt names, by the shapes vocabulary: "a red circle moving left" ->
-    {colour: red, shape: circle, motion: left}. Attributes the prompt does not name are left out."""
-    words = re.findall(r"[a-z]+", prompt.lower())
-    vocab = {
-        "colour": tuple(COLOURS),
-        "shape": SHAPES,
-        "motion": MOTIONS,
-        "background": tuple(BACKGROUNDS),
-        "size": tuple(SIZES),
-        "speed": tuple(SPEEDS),
-    }
-    found = {}
-    for name, values in vocab.items():
-        hits = [w for w in words if w in values]  # background names are no colour names, so no clash
-        if hits:
-            found[name] = hits[0]
-    return found
 
 
 def adherence(reading: Reading, spec: ShapeSpec) -> dict[str, bool]:

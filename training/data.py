@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +51,65 @@ class ShapeSpec:
 
     @property
     def caption(self) -> str:
-        verb = self.motion if self.motion in ("growing", "shrinking") else f"moving {self.motion}"
-        return f"a {self.size} {self.colour} {self.shape} {verb} {self.speed} on a {self.background} background"
+        return caption_of(self.colour, self.shape, self.motion, self.size, self.speed, self.background)
 
     @property
     def combination(self) -> tuple[str, ...]:
         return self.colour, self.shape, self.motion, self.background, self.size, self.speed
+
+
+OPTIONAL_ATTRIBUTES = ("size", "speed", "background")  # a caption may leave any of these out
+
+
+def caption_of(
+    colour: str,
+    shape: str,
+    motion: str,
+    size: str | None = None,
+    speed: str | None = None,
+    background: str | None = None,
+) -> str:
+    """The grammar: "a [size] colour shape verb [speed] [on a background background]"."""
+    verb = motion if motion in ("growing", "shrinking") else f"moving {motion}"
+    words = ["a", size, colour, shape, verb, speed] + ([f"on a {background} background"] if background else [])
+    return " ".join(w for w in words if w)
+
+
+def named_attributes(prompt: str) -> dict[str, str]:
+    """The attributes a free-form prompt names, by the shapes vocabulary: "a red circle moving left" ->
+    {colour: red, shape: circle, motion: left}. Attributes the prompt does not name are left out."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    vocab = {
+        "colour": tuple(COLOURS),
+        "shape": SHAPES,
+        "motion": MOTIONS,
+        "background": tuple(BACKGROUNDS),
+        "size": tuple(SIZES),
+        "speed": tuple(SPEEDS),
+    }
+    found = {}
+    for name, values in vocab.items():
+        hits = [w for w in words if w in values]  # background names are no colour names, so no clash
+        if hits:
+            found[name] = hits[0]
+    return found
+
+
+def shorter_captions(caption: str) -> list[str]:
+    """The captions of the same clip that leave out one or more of the optional attributes it names: 7 for a full
+    caption, from "a large red circle moving left slowly on a black background" down to "a red circle moving
+    left". Users write short prompts; a model trained only on full captions meets them out of distribution."""
+    named = named_attributes(caption)
+    if not {"colour", "shape", "motion"} <= named.keys() or caption_of(**named) != caption:
+        raise ValueError(f"not a shapes caption: {caption!r}")
+    present = [name for name in OPTIONAL_ATTRIBUTES if name in named]
+    shorter = []
+    for keep in itertools.product((True, False), repeat=len(present)):
+        if all(keep):
+            continue
+        dropped = {name for name, k in zip(present, keep) if not k}
+        shorter.append(caption_of(**{k: v for k, v in named.items() if k not in dropped}))
+    return shorter
 
 
 def is_held_out(combination: tuple[str, ...]) -> bool:

@@ -3,6 +3,7 @@ captions, encoded once so every later step costs only the transformer."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engines.text import TextEncoder
+from engines.loading import load_text_encoder
+from engines.text import TextEncoder, TextEncoderConfig
 from engines.vae import CausalVAE, LatentNormalisation, VAEConfig, normalisation_tensors
 from training.common import autocast
-from training.data import ShapesDataset
+from training.data import ShapesDataset, shorter_captions
 
 log = logging.getLogger("aptserve.training.latents")
 
@@ -31,6 +33,10 @@ class LatentSet:
     latent_std: float | tuple[float, ...]
     first_frames_mean: tuple[tuple[float, ...], ...] = ()
     first_frames_std: tuple[tuple[float, ...], ...] = ()
+    # (U, 7): for each caption row, the rows of its shorter captions (optional attributes left out); rows without
+    # shorter captions (the empty prompt, the shorter captions themselves) list their own row. None until
+    # `with_shorter_captions` adds them.
+    shorter_ids: torch.Tensor | None = None
 
     @property
     def normalisation(self) -> LatentNormalisation:
@@ -39,10 +45,39 @@ class LatentSet:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x0, text, mask) for these sample indices, in float32."""
+    def batch(self, indices: torch.Tensor, shorter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, text, mask) for these sample indices, in float32; a fraction `shorter` of the samples is captioned
+        by one of its shorter captions, drawn uniformly."""
         ids = self.caption_ids[indices]
+        if shorter > 0:
+            if self.shorter_ids is None:
+                raise ValueError("this latent set has no shorter captions; add them with with_shorter_captions")
+            pick = torch.rand(len(ids)) < shorter
+            ids = torch.where(pick, self.shorter_ids[ids, torch.randint(self.shorter_ids.shape[1], (len(ids),))], ids)
         return self.latents[indices].float(), self.text_tokens[ids].float(), self.text_mask[ids]
+
+    def with_shorter_captions(self, encoder: TextEncoder) -> LatentSet:
+        """The same set with every caption's shorter captions (`training.data.shorter_captions`) encoded and indexed
+        in `shorter_ids`; a set that has them already is returned as is."""
+        if self.shorter_ids is not None:
+            return self
+        captions = list(self.captions)
+        row = {c: i for i, c in enumerate(captions)}
+        shorter = {c: shorter_captions(c) for c in self.captions if c}
+        new = sorted({s for variants in shorter.values() for s in variants} - set(row))
+        for caption in new:
+            row[caption] = len(captions)
+            captions.append(caption)
+        width = max((len(v) for v in shorter.values()), default=1)
+        ids = torch.arange(len(captions)).unsqueeze(1).repeat(1, width)
+        for caption, variants in shorter.items():
+            if variants:  # a caption already missing attributes has fewer: they repeat to fill the row
+                ids[row[caption]] = torch.tensor([row[v] for v in itertools.islice(itertools.cycle(variants), width)])
+        tokens, mask = encode_captions(encoder, new) if new else (self.text_tokens[:0], self.text_mask[:0])
+        log.info("encoded %d shorter captions of %d captions", len(new), len(shorter))
+        fields = {**self.__dict__, "captions": captions, "shorter_ids": ids}
+        fields |= {"text_tokens": torch.cat([self.text_tokens, tokens]), "text_mask": torch.cat([self.text_mask, mask])}
+        return LatentSet(**fields)
 
     def empty_text(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty prompt's embedding, for classifier-free guidance and its dropout."""
@@ -103,6 +138,15 @@ class LatentSet:
         fields = {**self.__dict__, "latents": latents}
         fields |= dict(zip(("latent_mean", "latent_std", "first_frames_mean", "first_frames_std"), vae.normalisation))
         return LatentSet(**fields)
+
+
+def ensure_shorter_captions(latents: LatentSet, path: str | Path, text: TextEncoderConfig) -> LatentSet:
+    """`latents` (as loaded from `path`) with its shorter captions, encoded with `text` once and saved back."""
+    if latents.shorter_ids is not None:
+        return latents
+    latents = latents.with_shorter_captions(load_text_encoder(text))
+    latents.save(path)
+    return latents
 
 
 def renormalise(x: torch.Tensor, old: LatentNormalisation, new: LatentNormalisation) -> torch.Tensor:

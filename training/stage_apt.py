@@ -31,7 +31,7 @@ from training.discriminator import (
     perturbation_std,
     sample_d_timesteps,
 )
-from training.latents import LatentSet
+from training.latents import LatentSet, ensure_shorter_captions
 
 log = logging.getLogger("aptserve.training.apt")
 OPTIMIZERS = ("adam", "rmsprop")
@@ -61,6 +61,7 @@ class APTStageConfig:
     r1_sigma: float = 0.1  # 0.1 for video, 0.01 for images
     sigma_is_variance: bool = False  # the paper says "variance"; False reads sigma as a standard deviation
     d_shift: float = 12.0  # D's timestep ensemble shift(U(0, 1), s): 12 for video, 1 for images
+    shorter_captions: float = 0.0  # fraction of samples with a shorter caption of their clip (G and D alike)
     export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     seed: int = 0
     checkpoint_every: int = 50
@@ -152,7 +153,7 @@ def generate(generator: MMDiT, z: torch.Tensor, text: torch.Tensor, mask: torch.
 
 
 def sample_batch(data: LatentSet, cfg: APTStageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, text, mask = data.batch(torch.randint(len(data), (cfg.batch_size,)))
+    x, text, mask = data.batch(torch.randint(len(data), (cfg.batch_size,)), cfg.shorter_captions)
     return x.to(cfg.device), text.to(cfg.device), mask.to(cfg.device)
 
 
@@ -254,7 +255,10 @@ def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, Causal
             f"{cfg.generator} and {cfg.teacher} use different latent normalisations; "
             "the generator must be distilled from this teacher"
         )
-    data = LatentSet.load(cfg.latents).normalised_as(teacher_config.vae)
+    data = LatentSet.load(cfg.latents)
+    if cfg.shorter_captions > 0:
+        data = ensure_shorter_captions(data, cfg.latents, teacher_config.text)
+    data = data.normalised_as(teacher_config.vae)
     parts = make_parts(teacher["dit"], student["dit"], cfg)
     config = dataclasses.replace(
         teacher_config, name=Path(cfg.export).name, dit=student_config.dit, default_steps=1, guidance_scale=1.0

@@ -17,7 +17,7 @@ from engines.loading import load_components, load_text_encoder, save_checkpoint,
 from engines.sampling import add_noise, shift
 from engines.vae import CausalVAE, VAEConfig
 from training.common import EMA, RunDir, Trainer, autocast, compute_dtype, seed_everything
-from training.latents import LatentSet, precompute
+from training.latents import LatentSet, ensure_shorter_captions, precompute
 
 log = logging.getLogger("aptserve.training.diffusion")
 
@@ -51,6 +51,9 @@ class DiffusionStageConfig:
     warmup: int = 200
     ema_decay: float = 0.999
     cfg_dropout: float = 0.1
+    # fraction of samples captioned by a shorter caption of their clip (size, speed or background left out), so
+    # short prompts such as "a red circle moving left" are in the training distribution
+    shorter_captions: float = 0.0
     t_logit_mean: float = 0.0  # t = shift(sigmoid(N(mean, std)), t_shift): SD3's logit-normal, shifted to noise
     t_logit_std: float = 1.0
     t_shift: float = 1.0
@@ -181,8 +184,10 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
         progress,
         cfg.compute_dtype,
     )
-    vae = load_components(cfg.vae, ("vae",))[0].vae
-    vae_config = latent_normalisation(latents, vae, cfg.latent_norm, cfg.latent_first_frames)
+    vae_model_config = load_components(cfg.vae, ("vae",))[0]
+    if cfg.shorter_captions > 0:
+        latents = ensure_shorter_captions(latents, cfg.latents, vae_model_config.text)
+    vae_config = latent_normalisation(latents, vae_model_config.vae, cfg.latent_norm, cfg.latent_first_frames)
     latents = latents.normalised_as(vae_config)
     model = MMDiT(DIT_PRESETS[cfg.dit])
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
@@ -208,7 +213,7 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
     def step(i: int) -> dict[str, float]:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(i, cfg)
-        x0, text, mask = latents.batch(torch.randint(len(latents), (cfg.batch_size,)))
+        x0, text, mask = latents.batch(torch.randint(len(latents), (cfg.batch_size,)), cfg.shorter_captions)
         text, mask = drop_text(text, mask, latents, cfg.cfg_dropout)
         with autocast(cfg.compute_dtype):
             loss = flow_matching_loss(model, x0, text, mask, sample_timesteps(cfg.batch_size, cfg))

@@ -16,7 +16,7 @@ from engines.dit import MMDiT
 from engines.loading import load_components, save_checkpoint, storage_dtype
 from engines.sampling import add_noise, timesteps
 from training.common import EMA, RunDir, Trainer, seed_everything
-from training.latents import LatentSet
+from training.latents import LatentSet, ensure_shorter_captions
 
 log = logging.getLogger("aptserve.training.distill")
 
@@ -33,6 +33,7 @@ class DistillStageConfig:
     guidance_scale: float | None = None  # None: the teacher's own; APT.md uses 7.5 at their scale
     num_timesteps: int = 32  # discretisation of the shifted schedule (APT2 used 32)
     schedule_shift: float = 3.0
+    shorter_captions: float = 0.0  # fraction of samples with a shorter caption (teacher and student see the same)
     export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     target_ema: float = 0.0  # 0: the target is the student itself without gradient (APT2: no EMA target)
     ema_decay: float = 0.0  # > 0: export an EMA of the student (from the teacher's weights), not its last state
@@ -57,7 +58,7 @@ def teacher_step(teacher: MMDiT, x: torch.Tensor, t: torch.Tensor, t_prev: torch
 
 
 def distill_loss(student, target, teacher, latents: LatentSet, cfg: DistillStageConfig, scale: float, schedule):
-    x0, text, mask = latents.batch(torch.randint(len(latents), (cfg.batch_size,)))
+    x0, text, mask = latents.batch(torch.randint(len(latents), (cfg.batch_size,)), cfg.shorter_captions)
     n = torch.randint(1, cfg.num_timesteps + 1, (cfg.batch_size,))
     t, t_prev = schedule[n], schedule[n - 1]  # t_prev < t; the largest t is exactly 1
     x_t = add_noise(x0, torch.randn_like(x0), t)
@@ -79,7 +80,10 @@ def train_distill(cfg: DistillStageConfig, progress: bool = True) -> Path:
     target = EMA(student, cfg.target_ema) if cfg.target_ema > 0 else None
     target_model = student if target is None else MMDiT(config.dit).requires_grad_(False)
     export_ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    latents = LatentSet.load(cfg.latents).normalised_as(config.vae)  # the teacher's latent space
+    latents = LatentSet.load(cfg.latents)
+    if cfg.shorter_captions > 0:
+        latents = ensure_shorter_captions(latents, cfg.latents, config.text)
+    latents = latents.normalised_as(config.vae)  # the teacher's latent space
     schedule = timesteps(cfg.num_timesteps, cfg.schedule_shift).flip(0)  # increasing: 0 ... 1
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     run = RunDir(cfg.out)

@@ -22,6 +22,7 @@ from training.stage_apt import (
     d_step,
     g_step,
     make_parts,
+    sample_batch,
     set_learning_rates,
     train_apt,
 )
@@ -81,6 +82,12 @@ def parts(teacher, cfg):
 
 def real_batch(data: LatentSet, n: int = 2):
     return data.batch(torch.arange(n))
+
+
+def test_batches_draw_shorter_captions_when_asked(cfg):
+    data = dataclasses.replace(tiny_latents(), shorter_ids=torch.tensor([[0], [2], [2]]))  # row 1's shorter: row 2
+    _, text, mask = sample_batch(data, dataclasses.replace(cfg, batch_size=4, shorter_captions=1.0))
+    assert torch.equal(text, data.text_tokens[[2] * 4].float()) and torch.equal(mask, data.text_mask[[2] * 4])
 
 
 def test_head_blocks_scale_16_26_36_of_36():

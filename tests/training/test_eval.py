@@ -12,8 +12,8 @@ import zlib
 import numpy as np
 import pytest
 
-from training.analyzer import ATTRIBUTES, adherence, analyze, degrade, named_attributes
-from training.data import all_combinations, render, spec_for
+from training.analyzer import ATTRIBUTES, adherence, analyze, degrade
+from training.data import all_combinations, named_attributes, render, spec_for
 from training.eval import (
     EvalConfig,
     SystemSpec,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engines.vae import VAEConfig
+from training.data import ShapeSpec, shorter_captions
 from training.latents import LatentSet, renormalise
 from training.stage_diffusion import latent_normalisation
 
@@ -100,3 +101,36 @@ def test_first_frames_normalised_apart():
     torch.testing.assert_close(back.latents, data.latents, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="first_frames must be in"):
         data.raw_statistics(first_frames=13)
+
+
+def test_shorter_captions_are_encoded_indexed_and_drawn(minilm):
+    full = [ShapeSpec("red", "circle", "left", "black", "large", "slowly").caption]
+    full.append(ShapeSpec("blue", "star", "growing", "white", "small", "quickly").caption)
+    data = dataclasses.replace(
+        latent_set(SCALE, OFFSET),
+        caption_ids=torch.tensor([1, 2] * 4),
+        captions=["", *full],
+        text_tokens=torch.cat([torch.zeros(1, 32, 384), minilm.encode(full)[0]]).half(),
+        text_mask=torch.cat([torch.zeros(1, 32, dtype=torch.bool), minilm.encode(full)[1]]),
+    )
+    more = data.with_shorter_captions(minilm)
+    assert more.with_shorter_captions(minilm) is more and data.shorter_ids is None
+    assert len(more.captions) == 3 + 14 and more.captions[:3] == data.captions
+    assert more.shorter_ids.shape == (17, 7)
+    for row, caption in ((1, full[0]), (2, full[1])):
+        assert [more.captions[i] for i in more.shorter_ids[row]] == shorter_captions(caption)
+    short = more.captions.index("a red circle moving left")
+    assert more.shorter_ids[short].tolist() == [short] * 7  # no shorter caption of its own
+    torch.testing.assert_close(
+        more.text_tokens[short].float(), minilm.encode(["a red circle moving left"])[0][0].half().float()
+    )
+    torch.manual_seed(0)
+    _, text, _ = more.batch(torch.arange(8), shorter=1.0)
+    for i in range(8):  # every sample captioned by one of its own clip's shorter captions
+        caption_row = int(more.caption_ids[i])
+        candidates = more.text_tokens[more.shorter_ids[caption_row]].float()
+        assert any(torch.equal(text[i], c) for c in candidates)
+    _, text, _ = more.batch(torch.arange(8))
+    assert torch.equal(text, more.text_tokens[more.caption_ids].float())
+    with pytest.raises(ValueError, match="no shorter captions"):
+        data.batch(torch.arange(2), shorter=0.5)

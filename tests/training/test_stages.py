@@ -20,7 +20,15 @@ from engines.pipeline import Pipeline
 from engines.text import CachedTextEncoder
 from engines.vae import CausalVAE
 from training.common import EMA, autocast, compute_dtype, load_stage_config
-from training.data import ShapesDataset, held_out_combinations, is_held_out, shapes_sample
+from training.data import (
+    ShapesDataset,
+    ShapeSpec,
+    held_out_combinations,
+    is_held_out,
+    named_attributes,
+    shapes_sample,
+    shorter_captions,
+)
 from training.latents import LatentSet
 from training.stage_diffusion import DiffusionStageConfig, load_init, train_diffusion
 from training.stage_distill import DistillStageConfig, train_distill
@@ -47,6 +55,22 @@ def test_shapes_data_is_deterministic_by_seed_and_splits_held_out():
     assert len(held_out_combinations()) >= 256
     stream = iter(ShapesDataset(seed=2, start=5, **TOY))
     assert next(stream)[1] == shapes_sample(2, 5, **TOY)[1].caption  # a resumed stream continues in place
+
+
+def test_shorter_captions_leave_out_the_optional_attributes():
+    spec = ShapeSpec("red", "circle", "left", "black", "large", "slowly")
+    assert spec.caption == "a large red circle moving left slowly on a black background"
+    shorter = shorter_captions(spec.caption)
+    assert len(set(shorter)) == 7 and spec.caption not in shorter
+    assert {"a red circle moving left", "a large red circle moving left slowly", "a red circle moving left on a black background"} <= set(shorter)  # fmt: skip
+    kept = {"colour": "red", "shape": "circle", "motion": "left"}
+    assert all(named_attributes(s).items() >= kept.items() for s in shorter)
+    growing = ShapeSpec("blue", "star", "growing", "white", "small", "quickly")
+    assert "a blue star growing quickly" in shorter_captions(growing.caption)
+    assert shorter_captions("a red circle moving left") == []
+    assert shorter_captions("a red circle moving left slowly") == ["a red circle moving left"]
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        shorter_captions("a cat on a mat")
 
 
 def test_ema_update_math():
@@ -174,9 +198,11 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
     # ... or moved on purpose into another one: here the first latent frame normalised apart
     moved = dataclasses.replace(
         more_teacher, out=str(tmp_path / "t4"), export=str(tmp_path / "t4-ckpt"), latent_norm="frames",
-        latent_first_frames=1, init_other_normalisation=True,
+        latent_first_frames=1, init_other_normalisation=True, shorter_captions=0.5,
     )  # fmt: skip
     train_diffusion(moved, progress=False)
+    with_shorter = LatentSet.load(tmp_path / "latents.pt")  # the shorter captions were encoded once and saved
+    assert with_shorter.shorter_ids is not None and len(with_shorter.captions) > len(latents.captions)
     moved_vae = load_checkpoint(tmp_path / "t4-ckpt").config.vae  # through the checkpoint's JSON
     assert moved_vae.normalisation == latents.raw_statistics(first_frames=1) != teacher.config.vae.normalisation
     assert len(moved_vae.first_frames_std) == 1 and len(moved_vae.first_frames_std[0]) == moved_vae.latent_channels
@@ -189,6 +215,7 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
         batch_size=2,
         num_timesteps=4,
         ema_decay=0.5,
+        shorter_captions=0.5,
         **common,
     )
     train_distill(distill, progress=False)

@@ -33,7 +33,17 @@ from engines.loading import load_model, load_text_encoder
 from engines.pipeline import Pipeline
 from engines.text import CachedTextEncoder
 from training.analyzer import ATTRIBUTES, adherence, analyze, degrade
-from training.data import COLOURS, MOTIONS, SHAPES, ShapeSpec, held_out_combinations, render, shapes_sample, spec_for
+from training.data import (
+    COLOURS,
+    MOTIONS,
+    SHAPES,
+    ShapeSpec,
+    caption_of,
+    held_out_combinations,
+    render,
+    shapes_sample,
+    spec_for,
+)
 
 log = logging.getLogger("aptserve.training.eval")
 FPS = 24  # the shapes dataset's frame rate
@@ -49,16 +59,27 @@ DEGRADE = {"blur": 1.0, "noise": 6.0, "soften": 2}  # the degradation the analyz
 # Config
 
 
+PROMPT_FORMS = ("full", "short")
+
+
 @dataclass(frozen=True)
 class SystemSpec:
     name: str
     model: str  # checkpoint folder or preset; a missing folder skips the system with a note
     steps: int = 1
     guidance: float | None = None  # CFG scale for many-step sampling; None = the checkpoint's own default
+    # "full": each held-out spec's caption; "short": only its colour, shape and motion ("a red circle moving
+    # left"), the form users type. Adherence reads the same three attributes either way.
+    prompt: str = "full"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"system {self.name!r}: steps must be >= 1; got {self.steps}")
+        if self.prompt not in PROMPT_FORMS:
+            raise ValueError(f"system {self.name!r}: prompt must be one of {PROMPT_FORMS}; got {self.prompt!r}")
+
+    def caption(self, spec: ShapeSpec) -> str:
+        return spec.caption if self.prompt == "full" else caption_of(spec.colour, spec.shape, spec.motion)
 
     @property
     def cfg_label(self) -> str:
@@ -119,7 +140,9 @@ def _system_from_dict(data: dict) -> SystemSpec:
     try:
         return SystemSpec(**data)
     except TypeError as exc:
-        raise ValueError(f"eval config: bad system {data}: {exc}; keys are name, model, steps, guidance") from exc
+        raise ValueError(
+            f"eval config: bad system {data}: {exc}; keys are name, model, steps, guidance, prompt"
+        ) from exc
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -418,7 +441,7 @@ def generate_set(
     for start in range(0, len(specs), cfg.batch_size):
         batch = specs[start : start + cfg.batch_size]
         request = pipeline.request(
-            [s.caption for s in batch],
+            [system.caption(s) for s in batch],
             seeds[start : start + len(batch)],
             size=cfg.size,
             seconds=cfg.seconds,
@@ -588,7 +611,10 @@ class SystemCache:
             return None
         if system.model not in self.fingerprints:
             self.fingerprints[system.model] = model_fingerprint(system.model)
-        key = {**self.common, "system": asdict(system), "model": self.fingerprints[system.model]}
+        described = asdict(system)
+        if described["prompt"] == "full":  # the default since before the field existed: earlier results stay valid
+            del described["prompt"]
+        key = {**self.common, "system": described, "model": self.fingerprints[system.model]}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.root / f"{slug(system.name)}-{digest}"
 

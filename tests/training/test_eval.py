@@ -4,6 +4,7 @@ forms, the sharpness ratio, and a smoke run of `run_eval` on random-weight syste
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import struct
 import warnings
@@ -13,9 +14,10 @@ import numpy as np
 import pytest
 
 from training.analyzer import ATTRIBUTES, adherence, analyze, degrade
-from training.data import all_combinations, named_attributes, render, spec_for
+from training.data import ShapeSpec, all_combinations, named_attributes, render, spec_for
 from training.eval import (
     EvalConfig,
+    SystemCache,
     SystemSpec,
     frechet_distance,
     frechet_from_moments,
@@ -111,6 +113,20 @@ def test_config_from_dicts_and_errors():
         EvalConfig(systems=({"name": "a", "model": "tiny", "stepz": 2},))
     with pytest.raises(ValueError):
         EvalConfig(prompts=0)
+    with pytest.raises(ValueError, match="prompt must be one of"):
+        EvalConfig(systems=({"name": "a", "model": "tiny", "prompt": "long"},))
+
+
+def test_short_prompts_name_colour_shape_and_motion_only(tmp_path):
+    spec = ShapeSpec("red", "circle", "left", "black", "large", "slowly")
+    assert SystemSpec("a", "tiny").caption(spec) == spec.caption
+    assert SystemSpec("a", "tiny", prompt="short").caption(spec) == "a red circle moving left"
+    cache = SystemCache(EvalConfig(cache=str(tmp_path)))
+    full, short = SystemSpec("a", "tiny"), SystemSpec("a", "tiny", prompt="short")
+    assert cache._path(full) != cache._path(short)
+    described = {"name": "a", "model": "tiny", "steps": 1, "guidance": None}  # the key before `prompt` existed
+    key = {**cache.common, "system": described, "model": "tiny"}
+    assert cache._path(full).name == "a-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_run_eval_smoke(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.dit import DIT_PRESETS, DiTConfig
+from engines.prompts import CaptionGrammar
 from engines.text import TextEncoderConfig
 from engines.vae import VAE_PRESETS, VAEConfig
 
@@ -38,6 +39,9 @@ class ModelConfig:
     guidance_scale: float = 1.0  # only used by many-step (teacher) sampling
     sample_shift: float = 1.0  # timestep shift of the many-step schedule
     two_step_t: float = 0.5  # where the zero-shot second step re-noises to
+    # The caption grammar the model was trained on (engines.prompts.CaptionGrammar.to_dict()), if any: prompts it
+    # covers are completed into that form before text encoding. None: prompts are encoded as written.
+    prompt_grammar: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.dit.in_channels != self.vae.latent_channels:
@@ -47,6 +51,11 @@ class ModelConfig:
         if self.dit.text_dim != self.text.dim:
             raise ValueError(f"generator text_dim {self.dit.text_dim} != text encoder dim {self.text.dim}")
         parse_size(self.default_size)
+        if self.prompt_grammar is not None:
+            try:
+                CaptionGrammar.from_dict(self.prompt_grammar)
+            except (KeyError, TypeError, AttributeError, ValueError) as exc:
+                raise ValueError(f"bad prompt_grammar: {exc!r}") from exc
         if self.fps < 1 or self.default_steps < 1 or self.sample_shift <= 0:
             raise ValueError(
                 f"fps, default_steps and sample_shift must be positive; got {self.fps}, {self.default_steps}, {self.sample_shift}"

@@ -17,6 +17,7 @@ import torch
 from engines import sampling
 from engines.config import ModelConfig, frames_for_seconds, parse_size
 from engines.loading import LoadedModel, load_model, load_text_encoder
+from engines.prompts import CaptionGrammar
 from engines.text import CachedTextEncoder, TextEncoder
 
 STAGES = ("text_encode", "dit", "vae_decode")
@@ -36,6 +37,7 @@ class GenerationRequest:
     steps: int = 1
     guidance_scale: float | None = None  # many-step (teacher) sampling only; None = the model's default
     negative_prompt: str = ""
+    complete_prompts: bool = True  # complete short prompts by the model's caption grammar, where it has one
 
     def __post_init__(self) -> None:
         if not self.prompts or len(self.prompts) != len(self.seeds):
@@ -81,6 +83,8 @@ class Pipeline:
         self.dtype = dtype
         self.dit = model.dit.to(self.device, dtype).eval()
         self.vae = model.vae.to(self.device, dtype).eval()
+        grammar = self.config.prompt_grammar
+        self.grammar = CaptionGrammar.from_dict(grammar) if grammar is not None else None
 
     @classmethod
     def from_name(
@@ -115,7 +119,7 @@ class Pipeline:
         timings = dict.fromkeys(STAGES, 0.0)
         with torch.inference_mode():
             with _timed(timings, "text_encode", self.device):
-                text, mask = self.encode_text(request.prompts)
+                text, mask = self.encode_text(self.prompts_for(request))
             _check(cancelled)
             with _timed(timings, "dit", self.device):
                 latent = self.denoise(request, text, mask)
@@ -135,6 +139,13 @@ class Pipeline:
         """The whole clip at once: (B, F, H, W, 3) uint8 and the final stage timings."""
         chunks = list(self.generate(request))
         return np.concatenate([c.frames for c in chunks], axis=1), chunks[-1].timings
+
+    def prompts_for(self, request: GenerationRequest) -> list[str]:
+        """What the text encoder reads: each prompt completed by the model's caption grammar with its seed
+        (engines.prompts), or the prompts as written when the model has no grammar or the request opts out."""
+        if self.grammar is None or not request.complete_prompts:
+            return list(request.prompts)
+        return [self.grammar.complete(p, s) for p, s in zip(request.prompts, request.seeds)]
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         text, mask = self.text_encoder.encode(prompts)

@@ -76,7 +76,10 @@ def build_services(settings: Settings) -> Services:
     metrics.track_device_memory(device_memory_reader(device))
     scheduler = Scheduler(settings.max_queue, settings.max_batch_size, settings.batch_wait_ms / 1000)
     worker = EngineWorker(
-        lambda: Pipeline.from_name(settings.model, device, dtype, settings.text_cache_size), scheduler, settings.warmup
+        lambda: Pipeline.from_name(settings.model, device, dtype, settings.text_cache_size),
+        scheduler,
+        settings.warmup,
+        settings.prompt_completion,
     )
     store = JobStore(settings.data_dir, ttl_seconds=settings.job_ttl_s)
     return Services(settings, metrics, scheduler, worker, store, name, config)

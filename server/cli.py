@@ -25,6 +25,12 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="clip length; frames = 4*latents - 3 (2 s -> 49)")
     p.add_argument("--steps", type=int, default=None, help="1 (APT), 2 (zero-shot two step) or more (teacher)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale for many-step sampling")
+    p.add_argument(
+        "--no-prompt-completion",
+        dest="complete_prompt",
+        action="store_false",
+        help="encode the prompt as written, not completed by the model's caption grammar",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -45,8 +51,11 @@ def run_generate(args: argparse.Namespace) -> int:
     with tqdm(total=None, desc=f"loading {args.model}", disable=args.no_progress, unit="chunk") as bar:
         pipeline = Pipeline.from_name(args.model, device, dtype)
         request = pipeline.request(
-            args.prompt, args.seed, args.size, args.seconds, args.steps, guidance_scale=args.guidance
-        )
+            args.prompt, args.seed, args.size, args.seconds, args.steps,
+            guidance_scale=args.guidance, complete_prompts=args.complete_prompt,
+        )  # fmt: skip
+        if (encoded := pipeline.prompts_for(request)[0]) != args.prompt:
+            log.info("prompt completed by the model's caption grammar: %r", encoded)
         bar.reset(total=pipeline.latent_shape(request)[1])
         bar.set_description("text + DiT")
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(1280 * 720, ge=256, description="largest width x height a client may ask for")
     default_seconds: float = Field(2.0, gt=0, description="clip length when a request names none")
     text_cache_size: int = Field(1024, ge=1, description="prompt embeddings kept in the LRU cache")
+    prompt_completion: bool = Field(
+        True, description="complete short prompts by the model's caption grammar, where its checkpoint has one"
+    )
     warmup: bool = Field(True, description="run one generation before reporting ready")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
     log_level: str = Field("info", description="uvicorn and aptserve log level")

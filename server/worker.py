@@ -15,8 +15,15 @@ log = logging.getLogger("aptserve.worker")
 
 
 class EngineWorker:
-    def __init__(self, load: Callable[[], Pipeline], scheduler: Scheduler, warmup: bool = True):
+    def __init__(
+        self,
+        load: Callable[[], Pipeline],
+        scheduler: Scheduler,
+        warmup: bool = True,
+        complete_prompts: bool = True,
+    ):
         self._load, self.scheduler, self.warmup = load, scheduler, warmup
+        self.complete_prompts = complete_prompts  # by the model's caption grammar (engines.prompts)
         self.pipeline: Pipeline | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
@@ -63,6 +70,7 @@ class EngineWorker:
             first.height,
             first.frames,
             first.steps,
+            complete_prompts=self.complete_prompts,
         )
         timings: dict[str, float] = {}
         try:

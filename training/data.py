@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from engines.prompts import CaptionGrammar, Slot
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 180, 70),
@@ -61,6 +63,21 @@ class ShapeSpec:
 OPTIONAL_ATTRIBUTES = ("size", "speed", "background")  # a caption may leave any of these out
 
 
+def caption_grammar() -> CaptionGrammar:
+    """The grammar: "a [size] colour shape verb [speed] [on a background background]". Checkpoints trained on
+    these captions carry it, so serving completes a short prompt into this form (engines.prompts)."""
+    return CaptionGrammar(
+        (
+            Slot("size", {s: s for s in SIZES}),
+            Slot("colour", {c: c for c in COLOURS}, required=True),
+            Slot("shape", {s: s for s in SHAPES}, required=True),
+            Slot("motion", {m: m if m in ("growing", "shrinking") else f"moving {m}" for m in MOTIONS}, required=True),
+            Slot("speed", {s: s for s in SPEEDS}),
+            Slot("background", {b: f"on a {b} background" for b in BACKGROUNDS}),
+        )
+    )
+
+
 def caption_of(
     colour: str,
     shape: str,
@@ -69,10 +86,12 @@ def caption_of(
     speed: str | None = None,
     background: str | None = None,
 ) -> str:
-    """The grammar: "a [size] colour shape verb [speed] [on a background background]"."""
-    verb = motion if motion in ("growing", "shrinking") else f"moving {motion}"
-    words = ["a", size, colour, shape, verb, speed] + ([f"on a {background} background"] if background else [])
-    return " ".join(w for w in words if w)
+    """The caption of these attributes by `caption_grammar`; the optional ones may be left out."""
+    named = {"colour": colour, "shape": shape, "motion": motion, "size": size, "speed": speed, "background": background}
+    return _GRAMMAR.render({k: v for k, v in named.items() if v})
+
+
+_GRAMMAR = caption_grammar()
 
 
 def named_attributes(prompt: str) -> dict[str, str]:

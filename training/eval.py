@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.config import frames_for_seconds, parse_size
-from engines.loading import load_model, load_text_encoder
+from engines.loading import CONFIG_NAME, load_model, load_text_encoder
 from engines.pipeline import Pipeline
 from engines.text import CachedTextEncoder
 from training.analyzer import ATTRIBUTES, adherence, analyze, degrade
@@ -71,6 +71,9 @@ class SystemSpec:
     # "full": each held-out spec's caption; "short": only its colour, shape and motion ("a red circle moving
     # left"), the form users type. Adherence reads the same three attributes either way.
     prompt: str = "full"
+    # complete each prompt by the checkpoint's caption grammar, as serving does (engines.prompts); off by default,
+    # so a system is measured on the prompts as written
+    complete_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -447,6 +450,7 @@ def generate_set(
             seconds=cfg.seconds,
             steps=system.steps,
             guidance_scale=system.guidance,
+            complete_prompts=system.complete_prompts,
         )
         began = time.perf_counter()
         clips, _ = pipeline.generate_video(request)
@@ -572,14 +576,22 @@ def write_sheet(cfg: EvalConfig, name: str, rows: list[np.ndarray]) -> str:
     return os.path.relpath(path, cfg.links_relative_to)
 
 
-def model_fingerprint(model: str) -> str:
-    """sha256 over a checkpoint folder's files (names and bytes); a preset name stands for itself."""
+def model_fingerprint(model: str, prompt_grammar: bool = True) -> str:
+    """sha256 over a checkpoint folder's files (names and bytes); a preset name stands for itself. Without
+    `prompt_grammar` the config's caption grammar is left out (hashed as the config written without it): a system
+    that prompts as written does not read it."""
     path = Path(model)
     if not path.is_dir():
         return model
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(file.relative_to(path).as_posix().encode())
+        if file.name == CONFIG_NAME and not prompt_grammar:
+            config = json.loads(file.read_text())
+            if "prompt_grammar" in config:
+                del config["prompt_grammar"]
+                digest.update((json.dumps(config, indent=2) + "\n").encode())
+                continue
         with file.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
@@ -604,17 +616,21 @@ class SystemCache:
             "classifier": classifier_key(cfg),
             "device": cfg.device,
         }
-        self.fingerprints: dict[str, str] = {}
+        self.fingerprints: dict[tuple[str, bool], str] = {}
 
     def _path(self, system: SystemSpec) -> Path | None:
         if self.root is None:
             return None
-        if system.model not in self.fingerprints:
-            self.fingerprints[system.model] = model_fingerprint(system.model)
+        which = (system.model, system.complete_prompts)
+        if which not in self.fingerprints:
+            self.fingerprints[which] = model_fingerprint(*which)
         described = asdict(system)
-        if described["prompt"] == "full":  # the default since before the field existed: earlier results stay valid
+        # defaults since before these fields existed: earlier results stay valid
+        if described["prompt"] == "full":
             del described["prompt"]
-        key = {**self.common, "system": described, "model": self.fingerprints[system.model]}
+        if not described["complete_prompts"]:
+            del described["complete_prompts"]
+        key = {**self.common, "system": described, "model": self.fingerprints[which]}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.root / f"{slug(system.name)}-{digest}"
 

@@ -17,6 +17,7 @@ from engines.loading import load_components, load_text_encoder, save_checkpoint,
 from engines.sampling import add_noise, shift
 from engines.vae import CausalVAE, VAEConfig
 from training.common import EMA, RunDir, Trainer, autocast, compute_dtype, seed_everything
+from training.data import caption_grammar
 from training.latents import LatentSet, ensure_shorter_captions, precompute
 
 log = logging.getLogger("aptserve.training.diffusion")
@@ -163,6 +164,7 @@ def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig, vae_config
         guidance_scale=cfg.guidance_scale,
         sample_shift=cfg.sample_shift,
         default_size=(cfg.width, cfg.height),
+        prompt_grammar=caption_grammar().to_dict(),  # trained on shapes captions; students inherit it
     )
     return save_checkpoint(cfg.export, config, {"dit": model, "vae": vae}, storage_dtype(cfg.export_dtype))
 

@@ -27,13 +27,20 @@ def test_generate_two_seconds(tmp_path):
     result = run("generate", "a red circle moving left", "-o", str(out), "--seed", "3")
     assert probe(out) == (49, 64, 64, 24)
     assert "49 frames 64x64 at 24 fps" in result.stderr
+    # the default model carries its caption grammar: the short prompt is encoded completed, by the seed
+    assert "prompt completed by the model's caption grammar: 'a " in result.stderr
+    assert "red circle moving left" in result.stderr.split("caption grammar:")[1].splitlines()[0]
 
 
 @pytest.mark.parametrize(("seconds", "frames"), [(1.0, 25), (0.5, 13)])
 def test_generate_other_durations_and_sizes(tmp_path, seconds, frames):
     out = tmp_path / "clip.mp4"
-    run("generate", "a blue square moving up", "-o", str(out), "--seconds", str(seconds), "--size", "96x64")
+    result = run(
+        "generate", "a blue square moving up", "-o", str(out), "--seconds", str(seconds), "--size", "96x64",
+        "--no-prompt-completion",
+    )  # fmt: skip
     assert probe(out) == (frames, 96, 64, 24)
+    assert "prompt completed" not in result.stderr
 
 
 def test_bad_arguments_fail_cleanly(tmp_path):

@@ -31,3 +31,16 @@ def test_bad_settings_are_rejected():
 def test_serve_subcommand_exposes_the_flags():
     args = build_parser().parse_args(["serve", "--max-batch-size", "8", "--model", "tiny"])
     assert settings_from_args(args).max_batch_size == 8
+
+
+def test_prompt_completion_setting_reaches_the_worker(tmp_path):
+    from server.app import build_services
+    from tests.server.conftest import make_settings
+
+    assert build_services(make_settings(tmp_path)).worker.complete_prompts
+    args = argparse.ArgumentParser()
+    add_settings_arguments(args)
+    off = settings_from_args(
+        args.parse_args(["--no-prompt-completion", "--model", "tiny", "--data-dir", str(tmp_path)])
+    )
+    assert not build_services(off).worker.complete_prompts

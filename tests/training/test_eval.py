@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from training.analyzer import ATTRIBUTES, adherence, analyze, degrade
-from training.data import ShapeSpec, all_combinations, named_attributes, render, spec_for
+from training.data import ShapeSpec, all_combinations, caption_grammar, named_attributes, render, spec_for
 from training.eval import (
     EvalConfig,
     SystemCache,
@@ -191,6 +191,15 @@ def test_system_cache_reuses_results_until_the_checkpoint_changes(tmp_path, monk
     first = json.loads(run_eval(cfg, progress=False).with_suffix(".json").read_text())
     fingerprint = model_fingerprint("models/a")
     assert len(fingerprint) == 64 and model_fingerprint("tiny") == "tiny"
+    # a caption grammar added to the config changes what prompt-completing systems depend on, not the others
+    config_file = tmp_path / "models" / "a" / "config.json"
+    written, as_written = config_file.read_text(), model_fingerprint("models/a", prompt_grammar=False)
+    config_file.write_text(
+        json.dumps({**json.loads(written), "prompt_grammar": caption_grammar().to_dict()}, indent=2) + "\n"
+    )
+    assert model_fingerprint("models/a", prompt_grammar=False) == as_written
+    assert model_fingerprint("models/a") != fingerprint
+    config_file.write_text(written)
 
     generated = []
     real_get = evaluation.PipelineCache.get

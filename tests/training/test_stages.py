@@ -23,6 +23,9 @@ from training.common import EMA, autocast, compute_dtype, load_stage_config
 from training.data import (
     ShapesDataset,
     ShapeSpec,
+    all_combinations,
+    caption_grammar,
+    caption_of,
     held_out_combinations,
     is_held_out,
     named_attributes,
@@ -71,6 +74,22 @@ def test_shorter_captions_leave_out_the_optional_attributes():
     assert shorter_captions("a red circle moving left slowly") == ["a red circle moving left"]
     with pytest.raises(ValueError, match="not a shapes caption"):
         shorter_captions("a cat on a mat")
+
+
+def test_caption_grammar_parses_every_caption_and_completes_short_ones():
+    grammar = caption_grammar()
+    for colour, shape, motion, background, size, speed in all_combinations():
+        spec = ShapeSpec(colour, shape, motion, background, size, speed)
+        assert grammar.parse(spec.caption) == named_attributes(spec.caption) == {
+            "colour": colour, "shape": shape, "motion": motion, "background": background, "size": size, "speed": speed,
+        }  # fmt: skip
+        assert grammar.complete(spec.caption, seed=1) == spec.caption
+    completed = {grammar.complete("a red circle moving left", seed) for seed in range(200)}
+    assert len(completed) == 12  # every size x speed x background
+    assert all(text in completed for text in (caption_of("red", "circle", "left", sz, sp, bg) for sz, sp, bg in [
+        ("small", "slowly", "black"), ("large", "quickly", "white"),
+    ]))  # fmt: skip
+    assert grammar.complete("a red cat moving left", seed=1) == "a red cat moving left"
 
 
 def test_ema_update_math():
@@ -177,6 +196,7 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
     assert [int(r["step"]) for r in rows(tmp_path / "teacher")] == [1, 2]
     teacher = load_checkpoint(tmp_path / "teacher-ckpt")
     assert teacher.config.default_steps == 25
+    assert teacher.config.prompt_grammar == caption_grammar().to_dict()  # serving completes short prompts by it
     # trained on per-channel normalised latents; the statistics travel with the checkpoint's VAE
     latents = LatentSet.load(tmp_path / "latents.pt")
     assert latents.latent_std == config.vae.latent_std  # encoded in the VAE's own normalisation
@@ -222,6 +242,7 @@ def test_vae_diffusion_distill_chain_runs_and_resumes(tmp_path):
     student = load_checkpoint(tmp_path / "cd-ckpt")
     assert student.config.default_steps == 1 and student.config.guidance_scale == 1.0
     assert student.config.vae == teacher.config.vae
+    assert student.config.prompt_grammar == teacher.config.prompt_grammar
     state = torch.load(tmp_path / "cd" / "state.pt", weights_only=False)["stage"]
     assert state["ema"]["updates"] == 2
     for name, p in student.dit.named_parameters():  # the export is the EMA (float16 on disk), not the last weights

@@ -1,6 +1,8 @@
 """Which shapes does a model draw for which prompted shape? The evaluation's held-out prompts and generation seeds
 (so the diagonal reproduces its shape column), each clip read back by the analyzer, tallied as a confusion matrix:
-rows are the prompted shape, columns the shape read, cells the share of the row. `vae` is the real clips after
+rows are the prompted shape, columns the shape read, cells the share of the row. `--by size` (or background,
+speed) adds, per value of that caption attribute, the share of clips whose colour, shape and motion read as
+prompted: which settings of the attributes a short prompt leaves open a model draws best. `vae` is the real clips after
 the VAE round trip (the ceiling any generator behind that VAE has), `real` the rendered clips themselves.
 
     .venv/bin/python bench/shape_confusion.py --prompts 256 \\
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.loading import load_components
 from engines.pipeline import to_uint8
-from training.analyzer import analyze
+from training.analyzer import Reading, adherence, analyze
 from training.data import SHAPES, ShapeSpec, to_tensor
 from training.eval import PipelineCache, eval_specs, generation_seeds, rendered_batches
 
@@ -39,17 +41,17 @@ def parse_system(text: str) -> tuple[str, str, int | None, float | None]:
     return name, model, steps, guidance
 
 
-def read_shapes_real(specs: list[ShapeSpec], vae_path: str | None, batch: int) -> list[str]:
+def read_real(specs: list[ShapeSpec], vae_path: str | None, batch: int) -> list[Reading]:
     vae = load_components(vae_path, ("vae",))[1]["vae"].eval() if vae_path else None
-    shapes = []
+    readings = []
     for _, clips in rendered_batches(specs, 49, 64, 64, batch):
         if vae is not None:
             clips = to_uint8(vae.decode(vae.encode(torch.stack([to_tensor(clip) for clip in clips]))))
-        shapes += [analyze(clip).shape for clip in clips]
-    return shapes
+        readings += [analyze(clip) for clip in clips]
+    return readings
 
 
-def read_shapes_generated(
+def read_generated(
     pipelines: PipelineCache,
     model: str,
     steps: int | None,
@@ -57,12 +59,12 @@ def read_shapes_generated(
     specs: list[ShapeSpec],
     seed: int,
     batch: int,
-) -> list[str]:
+) -> list[Reading]:
     pipeline = pipelines.get(model)
     if isinstance(pipeline, str):
         raise SystemExit(f"cannot load {model}: {pipeline}")
     seeds = generation_seeds(len(specs), seed)
-    shapes = []
+    readings = []
     for start in range(0, len(specs), batch):
         chunk = specs[start : start + batch]
         request = pipeline.request(
@@ -70,8 +72,8 @@ def read_shapes_generated(
             steps=steps, guidance_scale=guidance,
         )  # fmt: skip
         clips, _ = pipeline.generate_video(request)
-        shapes += [analyze(clip).shape for clip in clips]
-    return shapes
+        readings += [analyze(clip) for clip in clips]
+    return readings
 
 
 def confusion_table(name: str, specs: list[ShapeSpec], read: list[str]) -> str:
@@ -85,6 +87,18 @@ def confusion_table(name: str, specs: list[ShapeSpec], read: list[str]) -> str:
     return "\n".join(lines) + f"\n\n{name}: shape read as prompted in {100 * right:.1f}% of {len(specs)} clips\n"
 
 
+def breakdown_table(name: str, specs: list[ShapeSpec], readings: list[Reading], by: str) -> str:
+    """Per value of the caption attribute `by`: how often colour, shape, motion and all three read as prompted."""
+    lines = [f"| {name}: {by} | n | colour | shape | motion | all three |", "|---|---:|---:|---:|---:|---:|"]
+    for value in sorted({getattr(s, by) for s in specs}):
+        rows = [adherence(r, s) for s, r in zip(specs, readings) if getattr(s, by) == value]
+        cells = " | ".join(
+            f"{100 * np.mean([row[k] for row in rows]):.1f}%" for k in ("colour", "shape", "motion", "all")
+        )
+        lines.append(f"| {value} | {len(rows)} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("systems", nargs="+", type=parse_system, help="NAME=MODEL[:STEPS[:GUIDANCE]]")
@@ -92,6 +106,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the evaluation's prompt seed")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--by", choices=("size", "background", "speed"), help="also break adherence down by this")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -101,12 +116,14 @@ def main() -> int:
     print(f"{args.prompts} held-out prompts (seed {args.seed}), 49 frames at 64x64, generation seeds as in the eval\n")
     for name, model, steps, guidance in args.systems:
         if model == "real":
-            read = read_shapes_real(specs, None, args.batch)
+            readings = read_real(specs, None, args.batch)
         elif name == "vae":
-            read = read_shapes_real(specs, model, args.batch)
+            readings = read_real(specs, model, args.batch)
         else:
-            read = read_shapes_generated(pipelines, model, steps, guidance, specs, args.seed, args.batch)
-        print(confusion_table(name, specs, read))
+            readings = read_generated(pipelines, model, steps, guidance, specs, args.seed, args.batch)
+        print(confusion_table(name, specs, [r.shape for r in readings]))
+        if args.by:
+            print(breakdown_table(name, specs, readings, args.by))
     return 0
 
 

@@ -12,7 +12,7 @@ with the background best explains the most distinct pixels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -39,6 +39,9 @@ class Reading:
     size: str
     speed: str
     visible_frames: int  # frames with a foreground at all; 0 means the rest is a guess
+    # each shape's symmetry moment over that shape's own value (median over visible frames): the largest names the
+    # shape when it reaches CIRCLE_BELOW, else the clip reads as a circle; how near a reading is to flipping
+    shape_scores: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 def analyze(video: np.ndarray) -> Reading:
@@ -62,6 +65,7 @@ def analyze(video: np.ndarray) -> Reading:
         size=classify_size(area[visible], shape, side),
         speed=classify_speed(motion, travel, area[visible], shape, side),
         visible_frames=int(visible.sum()),
+        shape_scores={name: round(v, 3) for name, v in shape_scores(moments[visible]).items()},
     )
 
 
@@ -140,12 +144,19 @@ def frame_moments(alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return area, cx, cy, np.stack(moments, axis=1)  # moments (F, 3)
 
 
-def classify_shape(moments: np.ndarray) -> str:
-    """Each symmetry moment relative to its own shape's value; none large means a circle."""
+def shape_scores(moments: np.ndarray) -> dict[str, float]:
+    """Each symmetry moment (median over frames) relative to its own shape's value; empty without frames."""
     if len(moments) == 0:
-        return SHAPES[0]
+        return {}
     median = np.median(moments, axis=0)
-    ratios = {name: median[k - 3] / value for name, (k, value) in SHAPE_MOMENTS.items()}
+    return {name: float(median[k - 3] / value) for name, (k, value) in SHAPE_MOMENTS.items()}
+
+
+def classify_shape(moments: np.ndarray) -> str:
+    """The shape whose score is largest, if it reaches CIRCLE_BELOW; none large means a circle."""
+    ratios = shape_scores(moments)
+    if not ratios:
+        return SHAPES[0]
     best = max(ratios, key=ratios.get)
     return best if ratios[best] >= CIRCLE_BELOW else "circle"
 

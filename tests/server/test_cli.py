@@ -73,6 +73,7 @@ def test_analyze_reads_a_clip_back_and_scores_the_prompt(tmp_path):
     line = json.loads(ok.stdout)
     assert line["frames"] == 49 and (line["colour"], line["shape"], line["motion"]) == ("red", "circle", "left")
     assert line["matches"] == {"colour": True, "shape": True, "motion": True}
+    assert set(line["shape_scores"]) == {"triangle", "square", "star"} and max(line["shape_scores"].values()) < 0.25
     wrong = subprocess.run(
         [EXE, "analyze", str(clip), "--prompt", "a blue circle growing"], capture_output=True, text=True, timeout=120
     )

@@ -30,7 +30,7 @@ COMPLETED = "completed"
 FAILED = "failed"
 STATUSES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _ID_RE = re.compile(r"video_[0-9a-f]{32}")
 
 _SCHEMA = """
@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at INTEGER NOT NULL, completed_at INTEGER, expires_at INTEGER,
     model TEXT NOT NULL, prompt TEXT NOT NULL, size TEXT NOT NULL, seconds TEXT NOT NULL,
     seed INTEGER NOT NULL, steps INTEGER NOT NULL, fps INTEGER NOT NULL,
-    error_code TEXT, error_message TEXT, attempts INTEGER NOT NULL, bytes INTEGER NOT NULL
+    error_code TEXT, error_message TEXT, attempts INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    revised_prompt TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_created_at ON jobs (created_at, seq);
 """
@@ -72,6 +73,7 @@ class VideoJob:
     error_message: str | None = None
     attempts: int = 0  # times a worker started it; bounds retries after crashes
     bytes: int = 0  # MP4 size, 0 until completed
+    revised_prompt: str | None = None  # the prompt the model was given, where the server completed it
 
 
 _COLUMNS = tuple(f.name for f in fields(VideoJob))
@@ -102,7 +104,11 @@ class JobStore:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise RuntimeError(f"job database schema {version} is newer than this aptserve supports ({SCHEMA_VERSION})")
-        if version < SCHEMA_VERSION:
+        if version == 1:  # a database of the first schema keeps its jobs and gains the column
+            self._conn.executescript(  # one transaction: the column and the version move together
+                f"BEGIN; ALTER TABLE jobs ADD COLUMN revised_prompt TEXT; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        elif version < SCHEMA_VERSION:
             self._conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
 
     def close(self) -> None:

@@ -58,6 +58,8 @@ class Video(BaseModel):
     expires_at: int | None = None
     model: str
     prompt: str | None = None
+    # ours: the prompt the model was given, where the server completed it by the model's caption grammar
+    revised_prompt: str | None = None
     seconds: str
     size: str
     seed: int

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from engines.config import ModelConfig, frames_for_seconds, parse_size
+from engines.prompts import CaptionGrammar
 from server.encoding import EncoderError, FragmentedMP4Encoder
 from server.errors import APIError
 from server.jobs import COMPLETED, FAILED, JobStore, VideoJob, new_job_id
@@ -204,11 +205,19 @@ class Services:
             error_message=None,
             attempts=0,
             bytes=0,
+            revised_prompt=self.revised_prompt(request.prompt, request.seed),
         )
         ticket = self.submit(request)  # 429 before anything is stored
         self.store.create(job)
         self.start_job(job, ticket)
         return job
+
+    def revised_prompt(self, prompt: str, seed: int) -> str | None:
+        """The prompt as the worker will encode it, where completion changes it (engines.prompts); else None."""
+        if not self.settings.prompt_completion or self.model_config.prompt_grammar is None:
+            return None
+        completed = CaptionGrammar.from_dict(self.model_config.prompt_grammar).complete(prompt, seed)
+        return completed if completed != prompt else None
 
     def start_job(self, job: VideoJob, ticket: Ticket) -> None:
         task = asyncio.create_task(self._run_job(job, ticket), name=f"job-{job.id}")

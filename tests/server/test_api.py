@@ -155,3 +155,20 @@ def test_a_model_that_fails_to_load_is_reported_not_queued(tmp_path):
         assert ready.status_code == 503 and ready.json()["status"] == "failed"
         response = client.post("/v1/videos", json={"prompt": "x"})
         assert response.status_code == 503 and response.json()["error"]["code"] == "model_unavailable"
+
+
+def test_a_completed_prompt_is_reported_as_revised_prompt(tmp_path):
+    """The default model carries its caption grammar: the video object says what the model was given."""
+    settings = make_settings(tmp_path, model="models/shapes-apt-tiny", warmup=False)
+    with TestClient(create_app(settings)) as client:
+        short = client.post("/v1/videos", json={"prompt": "a red circle moving left", "seed": 0, "seconds": 0.5}).json()
+        assert short["revised_prompt"] == "a small red circle moving left slowly on a gray background"
+        assert client.get(f"/v1/videos/{short['id']}").json()["revised_prompt"] == short["revised_prompt"]
+        full = "a large red circle moving left slowly on a black background"
+        assert client.post("/v1/videos", json={"prompt": full, "seconds": 0.5}).json()["revised_prompt"] is None
+        other = client.post("/v1/videos", json={"prompt": "a cat on a mat", "seconds": 0.5}).json()
+        assert other["revised_prompt"] is None
+    as_written = make_settings(tmp_path / "off", model="models/shapes-apt-tiny", warmup=False, prompt_completion=False)
+    with TestClient(create_app(as_written)) as client:
+        job = client.post("/v1/videos", json={"prompt": "a red circle moving left", "seed": 0, "seconds": 0.5}).json()
+        assert job["revised_prompt"] is None

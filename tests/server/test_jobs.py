@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from server import jobs as jobs_module
 from server.jobs import COMPLETED, FAILED, IN_PROGRESS, QUEUED, STATUSES, JobStore, VideoJob, new_job_id
 
 TTL = 100
@@ -79,8 +80,29 @@ def test_create_rejects_bad_records(store):
 def test_database_settings(store, tmp_path):
     conn = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     conn.close()
+
+
+def test_a_first_schema_database_keeps_its_jobs_and_gains_revised_prompt(tmp_path):
+    conn = sqlite3.connect(tmp_path / "jobs.sqlite3")
+    first_schema = jobs_module._SCHEMA.replace(",\n    revised_prompt TEXT\n", "\n")
+    assert "revised_prompt" not in first_schema
+    conn.executescript(first_schema + "PRAGMA user_version = 1;")
+    old = make_job(created_at=5)
+    columns = [name for name in jobs_module._COLUMNS if name != "revised_prompt"]
+    conn.execute(
+        f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+        tuple(getattr(old, name) for name in columns),
+    )
+    conn.commit()
+    conn.close()
+    with JobStore(tmp_path) as store:
+        assert store.get(old.id) == old and old.revised_prompt is None
+        new = store.create(make_job(revised_prompt="a large red ball"))
+        assert store.get(new.id).revised_prompt == "a large red ball"
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_newer_schema_is_refused(tmp_path):

@@ -1,7 +1,7 @@
 """Registers, stack (spills) and shared memory of the Triton attention kernel compiled for sm_90, on any machine.
 
     .venv/bin/python bench/attention_registers.py                     # this checkout's kernel
-    ROOT=/path/to/other/checkout .venv/bin/python bench/attention_registers.py
+    PYTHONPATH=/path/to/other/checkout .venv/bin/python bench/attention_registers.py
 
 Compiles `kernels.triton_attention._attn_fwd_kernel` ahead of time (`triton.compile` with a `GPUTarget`, no GPU
 needed) at head dim 128 with the key padding mask (MASK=0 drops it), for pointer loads and TMA descriptor loads, and
@@ -16,12 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.environ.get("ROOT", str(pathlib.Path(__file__).resolve().parent.parent)))
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.triton_attention as ta
+import aptserve.kernels.triton_attention as ta
 
 fn = ta._attn_fwd_kernel
 MASK = bool(int(os.environ.get("MASK", "1")))

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-from engines.pipeline import Pipeline
-from server.encoding import FragmentedMP4Encoder
+from aptserve.engines.pipeline import Pipeline
+from aptserve.media.encoder import FragmentedMP4Encoder
 
 
 def run_once(pipeline: Pipeline, args: argparse.Namespace) -> dict[str, float]:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernels.fp8 import dequantize, quantize_fp8_blockwise
+from aptserve.kernels.fp8 import dequantize, quantize_fp8_blockwise
 
 
 def main() -> None:

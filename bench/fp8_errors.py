@@ -16,13 +16,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import kernels
-from engines.config import DIT_PRESETS
-from engines.dit import MMDiT
-from engines.quant import FP8Linear, quantize_model
-from kernels.triton_attention import triton_attention_fp8
+from aptserve import kernels
+from aptserve.engines.config import DIT_PRESETS
+from aptserve.engines.dit import MMDiT
+from aptserve.engines.quant import FP8Linear, quantize_model
+from aptserve.kernels.triton_attention import triton_attention_fp8
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:

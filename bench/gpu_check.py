@@ -37,19 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
-import kernels
-from engines.backends import prepare
-from engines.config import MODEL_PRESETS, ModelConfig
-from engines.dit import MMDiT
-from engines.flops import dit_flops
-from engines.quant import quantized_layer_names
-from engines.vae import VAE_PRESETS, CausalVAE, VAEConfig
-from kernels.attention import reference_attention
-from kernels.triton_attention import unsupported_reason
+from aptserve import kernels
+from aptserve.engines.backends import prepare
+from aptserve.engines.config import MODEL_PRESETS, ModelConfig
+from aptserve.engines.dit import MMDiT
+from aptserve.engines.flops import dit_flops
+from aptserve.engines.quant import quantized_layer_names
+from aptserve.engines.vae import VAE_PRESETS, CausalVAE, VAEConfig
+from aptserve.kernels.attention import reference_attention
+from aptserve.kernels.triton_attention import unsupported_reason
 
 GIB = 2**30
 

@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import torch  # noqa: E402
+import httpx
+import torch
 
-from engines.pipeline import Pipeline  # noqa: E402
-from server.encoding import FragmentedMP4Encoder  # noqa: E402
+from aptserve.engines.pipeline import Pipeline
+from aptserve.media.encoder import FragmentedMP4Encoder
 
 PROMPT = "a red circle moving left"
 

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.dit import DIT_PRESETS, MMDiT
-from engines.sampling import add_noise
-from training.common import autocast
-from training.stage_diffusion import flow_matching_loss
+from aptserve.engines.dit import DIT_PRESETS, MMDiT
+from aptserve.engines.sampling import add_noise
+from aptserve.training.common import autocast
+from aptserve.training.stage_diffusion import flow_matching_loss
 
 MODES = ("float32", "bfloat16")
 

@@ -24,16 +24,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def minilm():
-    from engines.loading import load_text_encoder
-    from engines.text import TextEncoderConfig
+    from aptserve.engines.loading import load_text_encoder
+    from aptserve.engines.text import TextEncoderConfig
 
     return load_text_encoder(TextEncoderConfig())
 
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(minilm):
-    from engines.loading import load_model
-    from engines.pipeline import Pipeline
-    from engines.text import CachedTextEncoder
+    from aptserve.engines.loading import load_model
+    from aptserve.engines.pipeline import Pipeline
+    from aptserve.engines.text import CachedTextEncoder
 
     return Pipeline(load_model("tiny"), CachedTextEncoder(minilm))

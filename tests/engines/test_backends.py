@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from engines.backends import BACKENDS, modules_of, prepare
-from engines.dit import DIT_PRESETS, MMDiT
-from engines.quant import FP8Linear, quantized_layer_names
-from engines.vae import VAE_PRESETS, CausalVAE, memory_format_of
+from aptserve.engines.backends import BACKENDS, modules_of, prepare
+from aptserve.engines.dit import DIT_PRESETS, MMDiT
+from aptserve.engines.quant import FP8Linear, quantized_layer_names
+from aptserve.engines.vae import VAE_PRESETS, CausalVAE, memory_format_of
 
 CL = torch.channels_last_3d
 FP32_TOL = {"atol": 1e-5, "rtol": 1e-5}

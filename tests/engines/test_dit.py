@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engines.config import MODEL_PRESETS
-from engines.dit import DIT_PRESETS, DiTConfig, MMDiT, apply_rope, rope_3d, rope_axis_dims
-from engines.flops import dit_flops
+from aptserve.engines.config import MODEL_PRESETS
+from aptserve.engines.dit import DIT_PRESETS, DiTConfig, MMDiT, apply_rope, rope_3d, rope_axis_dims
+from aptserve.engines.flops import dit_flops
 
 SMALL = DiTConfig(depth=2, hidden_size=64, num_heads=4, text_dim=24)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engines.config import MODEL_PRESETS, ModelConfig
-from engines.loading import (
+from aptserve.engines.config import MODEL_PRESETS, ModelConfig
+from aptserve.engines.loading import (
     CheckpointError,
     load_checkpoint,
     load_model,

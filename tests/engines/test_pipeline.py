@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from engines.config import frames_for_seconds, parse_size
-from engines.pipeline import Cancelled, GenerationRequest
+from aptserve.engines.config import frames_for_seconds, parse_size
+from aptserve.engines.pipeline import Cancelled, GenerationRequest
 
 PROMPT = "a red circle moving left"
 

@@ -3,8 +3,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from engines.config import MODEL_PRESETS, ModelConfig
-from engines.prompts import CaptionGrammar, Slot
+from aptserve.engines.config import MODEL_PRESETS, ModelConfig
+from aptserve.engines.prompts import CaptionGrammar, Slot
 
 GRAMMAR = CaptionGrammar(
     (
@@ -81,7 +81,7 @@ def test_bad_grammars_are_refused(grammar, message):
 
 
 def test_the_pipeline_encodes_the_completed_prompt(tiny_pipeline):
-    from engines.pipeline import Pipeline
+    from aptserve.engines.pipeline import Pipeline
 
     pipeline = Pipeline(
         dataclasses.replace(tiny_pipeline.model, config=dataclasses.replace(

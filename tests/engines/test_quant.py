@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from engines.dit import DIT_PRESETS, MMDiT
-from engines.quant import DIT_SKIP, FP8Linear, quantize_model, quantize_rows, quantized_layer_names
-from kernels.fp8 import FP8_DTYPE
+from aptserve.engines.dit import DIT_PRESETS, MMDiT
+from aptserve.engines.quant import DIT_SKIP, FP8Linear, quantize_model, quantize_rows, quantized_layer_names
+from aptserve.kernels.fp8 import FP8_DTYPE
 
 FP8_LINEAR_BOUND = 5e-2  # measured 3.6-3.7% on the shapes below
 FP8_DIT_BOUND = 4e-2  # measured 1.5% (tiny preset, random weights, bf16 model vs the same model quantised)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engines import sampling
+from aptserve.engines import sampling
 
 
 def test_shift_fixes_endpoints_and_moves_toward_noise():

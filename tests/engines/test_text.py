@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engines.text import CachedTextEncoder, TextEncoderConfig
+from aptserve.engines.text import CachedTextEncoder, TextEncoderConfig
 
 
 def test_minilm_token_states_and_mask(minilm):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engines.vae import VAE_PRESETS, CausalVAE, DecodeCache, VAEConfig, _conv3d
+from aptserve.engines.vae import VAE_PRESETS, CausalVAE, DecodeCache, VAEConfig, _conv3d
 
 # Small enough to run in milliseconds, but with every optional part switched on and a distinct decoder width.
 SMALL = VAEConfig(

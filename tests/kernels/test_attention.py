@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import kernels
+from aptserve import kernels
 
 
 def make_qkv(b, h, nq, nk, d, dtype, seed=0):

@@ -21,12 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import triton_attention as module
-from kernels import triton_fp8
-from kernels.attention import choose_attention_impl
-from kernels.fp8 import E4M3_MAX, FP8_DTYPE, dequantize, quantize_fp8_blockwise, quantize_fp8_rows
-from kernels.triton_attention import FP8_BLOCK, triton_attention, triton_attention_fp8
+from aptserve import kernels
+from aptserve.kernels import triton_attention as module
+from aptserve.kernels import triton_fp8
+from aptserve.kernels.attention import choose_attention_impl
+from aptserve.kernels.fp8 import E4M3_MAX, FP8_DTYPE, dequantize, quantize_fp8_blockwise, quantize_fp8_rows
+from aptserve.kernels.triton_attention import FP8_BLOCK, triton_attention, triton_attention_fp8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS_KERNELS = module.HAS_TRITON and (DEVICE == "cuda" or module.INTERPRETED)

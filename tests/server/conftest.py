@@ -11,8 +11,8 @@ import httpx
 import pytest
 import uvicorn
 
-from server.app import create_app
-from server.settings import Settings
+from aptserve.server.app import create_app
+from aptserve.server.settings import Settings
 
 
 def make_settings(tmp_path, **overrides) -> Settings:

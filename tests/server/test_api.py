@@ -4,7 +4,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import create_app
+from aptserve.server.app import create_app
 from tests.server.conftest import make_settings
 
 DESIGN_METRICS = {
@@ -139,8 +139,8 @@ def test_metrics_carry_every_design_metric_and_parse(client):
 
 
 def test_a_model_that_fails_to_load_is_reported_not_queued(tmp_path):
-    from engines.config import MODEL_PRESETS
-    from engines.loading import random_model, save_checkpoint
+    from aptserve.engines.config import MODEL_PRESETS
+    from aptserve.engines.loading import random_model, save_checkpoint
 
     tiny = random_model(MODEL_PRESETS["tiny"])
     folder = save_checkpoint(tmp_path / "broken", tiny.config, {"dit": tiny.dit, "vae": tiny.vae})

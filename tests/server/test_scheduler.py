@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from server.scheduler import EngineRequest, Failed, QueueFull, Scheduler, Ticket
+from aptserve.server.scheduler import EngineRequest, Failed, QueueFull, Scheduler, Ticket
 
 
 def request(i, width=64, deadline=None):

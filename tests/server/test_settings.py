@@ -3,8 +3,8 @@ import argparse
 import pytest
 from pydantic import ValidationError
 
-from server.cli import build_parser
-from server.settings import Settings, add_settings_arguments, settings_from_args
+from aptserve.cli import build_parser
+from aptserve.server.settings import Settings, add_settings_arguments, settings_from_args
 
 
 def test_every_setting_is_an_env_var_and_a_flag(monkeypatch, tmp_path):
@@ -34,7 +34,7 @@ def test_serve_subcommand_exposes_the_flags():
 
 
 def test_prompt_completion_setting_reaches_the_worker(tmp_path):
-    from server.app import build_services
+    from aptserve.server.app import build_services
     from tests.server.conftest import make_settings
 
     assert build_services(make_settings(tmp_path)).worker.complete_prompts

@@ -10,7 +10,7 @@ import httpx
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.encoding import iter_boxes
+from aptserve.media.mp4 import iter_boxes
 from tests.server.conftest import GenerationGate, services_of
 
 PROMPT = "a red circle moving left"

@@ -9,14 +9,14 @@ import dataclasses
 import pytest
 import torch
 
-from engines.config import MODEL_PRESETS
-from engines.dit import DiTConfig, MMDiT
-from engines.loading import load_checkpoint, random_model, save_checkpoint
-from engines.text import TextEncoderConfig
-from training import stage_apt
-from training.discriminator import approx_r1, head_blocks, sample_d_timesteps
-from training.latents import LatentSet
-from training.stage_apt import (
+from aptserve.engines.config import MODEL_PRESETS
+from aptserve.engines.dit import DiTConfig, MMDiT
+from aptserve.engines.loading import load_checkpoint, random_model, save_checkpoint
+from aptserve.engines.text import TextEncoderConfig
+from aptserve.training import stage_apt
+from aptserve.training.discriminator import approx_r1, head_blocks, sample_d_timesteps
+from aptserve.training.latents import LatentSet
+from aptserve.training.stage_apt import (
     APTStageConfig,
     d_losses,
     d_step,

@@ -13,9 +13,9 @@ import zlib
 import numpy as np
 import pytest
 
-from training.analyzer import ATTRIBUTES, adherence, analyze, degrade
-from training.data import ShapeSpec, all_combinations, caption_grammar, named_attributes, render, spec_for
-from training.eval import (
+from aptserve.training.analyzer import ATTRIBUTES, adherence, analyze, degrade
+from aptserve.training.data import ShapeSpec, all_combinations, caption_grammar, named_attributes, render, spec_for
+from aptserve.training.eval import (
     EvalConfig,
     SystemCache,
     SystemSpec,
@@ -168,9 +168,9 @@ def test_run_eval_smoke(tmp_path, monkeypatch):
 
 
 def test_system_cache_reuses_results_until_the_checkpoint_changes(tmp_path, monkeypatch):
-    from engines.config import MODEL_PRESETS
-    from engines.loading import random_model, save_checkpoint
-    from training import eval as evaluation
+    from aptserve.engines.config import MODEL_PRESETS
+    from aptserve.engines.loading import random_model, save_checkpoint
+    from aptserve.training import eval as evaluation
 
     monkeypatch.chdir(tmp_path)
     config = MODEL_PRESETS["tiny"]

@@ -6,10 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from engines.vae import VAEConfig
-from training.data import ShapeSpec, shorter_captions
-from training.latents import LatentSet, renormalise
-from training.stage_diffusion import latent_normalisation
+from aptserve.engines.vae import VAEConfig
+from aptserve.training.data import ShapeSpec, shorter_captions
+from aptserve.training.latents import LatentSet, renormalise
+from aptserve.training.stage_diffusion import latent_normalisation
 
 
 def latent_set(scale: torch.Tensor, offset: torch.Tensor, stats=(0.5, 2.0)) -> LatentSet:

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from engines.config import MODEL_PRESETS
-from engines.dit import MMDiT
-from engines.loading import load_checkpoint, load_components, save_checkpoint, storage_dtype
-from engines.pipeline import Pipeline
-from engines.text import CachedTextEncoder
-from engines.vae import CausalVAE
-from training.common import EMA, autocast, compute_dtype, load_stage_config
-from training.data import (
+from aptserve.engines.config import MODEL_PRESETS
+from aptserve.engines.dit import MMDiT
+from aptserve.engines.loading import load_checkpoint, load_components, save_checkpoint, storage_dtype
+from aptserve.engines.pipeline import Pipeline
+from aptserve.engines.text import CachedTextEncoder
+from aptserve.engines.vae import CausalVAE
+from aptserve.training.common import EMA, autocast, compute_dtype, load_stage_config
+from aptserve.training.data import (
     ShapesDataset,
     ShapeSpec,
     all_combinations,
@@ -32,10 +32,10 @@ from training.data import (
     shapes_sample,
     shorter_captions,
 )
-from training.latents import LatentSet
-from training.stage_diffusion import DiffusionStageConfig, load_init, train_diffusion
-from training.stage_distill import DistillStageConfig, train_distill
-from training.stage_vae import VAEStageConfig, train_vae
+from aptserve.training.latents import LatentSet
+from aptserve.training.stage_diffusion import DiffusionStageConfig, load_init, train_diffusion
+from aptserve.training.stage_distill import DistillStageConfig, train_distill
+from aptserve.training.stage_vae import VAEStageConfig, train_vae
 
 TOY = {"frames": 5, "height": 32, "width": 32}
 
@@ -117,8 +117,8 @@ def test_every_committed_config_loads_into_its_stage(path):
     """A typo in a config fails here, not after a long-running stage has encoded its latents."""
     import importlib
 
-    from server.cli import TRAIN_STAGES
-    from training.eval import EvalConfig
+    from aptserve.cli import TRAIN_STAGES
+    from aptserve.training.eval import EvalConfig
 
     stage = path.name.split("_")[0]
     assert stage in (*TRAIN_STAGES, "eval"), f"{path.name}: name configs <stage>_<...>.json"
@@ -254,7 +254,7 @@ def test_exported_student_generates(tmp_path, minilm):
     config = dataclasses.replace(MODEL_PRESETS["tiny"], name="toy")
     vae = CausalVAE(config.vae)
     vae.init_weights()
-    from engines.dit import MMDiT
+    from aptserve.engines.dit import MMDiT
 
     dit = MMDiT(config.dit)
     dit.init_weights()

@@ -1,0 +1,36 @@
+"""The eager backend: modules run as built, with the module-level speed options every backend starts from.
+
+Those options change how a module computes, not what it is: the attention implementation of the generator, FP8
+linears in the generator (`engines.quant`), and a channels-last (NDHWC) VAE decoder.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aptserve import kernels
+from aptserve.engines.dit import MMDiT
+from aptserve.engines.quant import quantize_model, quantized_layer_names
+from aptserve.engines.vae import CausalVAE
+
+
+def apply_options(
+    module: nn.Module, attention: str | None = None, fp8: bool = False, channels_last: bool = False
+) -> nn.Module:
+    """Set the generator's attention impl and FP8 linears, or the VAE's memory format, in place; others unchanged."""
+    if isinstance(module, MMDiT):
+        if attention is not None:
+            if attention not in kernels.ATTENTION_IMPLS:
+                raise ValueError(f"unknown attention impl {attention!r}; choose one of {kernels.ATTENTION_IMPLS}")
+            module.attention_impl = attention
+        if fp8 and not quantized_layer_names(module):
+            quantize_model(module)
+    elif isinstance(module, CausalVAE) and channels_last:
+        module.to(memory_format=torch.channels_last_3d)
+    return module
+
+
+def prepare_eager(module: nn.Module, **options) -> nn.Module:
+    """Eager execution: the options above and nothing else."""
+    return apply_options(module, **options)

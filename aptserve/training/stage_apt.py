@@ -1,0 +1,299 @@
+"""Stage 3: adversarial post-training. The consistency-distilled student becomes a one-step generator
+G(z, c) = z - v(z, c, t=1), trained against a discriminator initialised from the diffusion teacher, with
+approximated R1, 1:1 alternating D and G steps, and an EMA of G that is exported as the inference model."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from aptserve.engines.config import ModelConfig
+from aptserve.engines.dit import MMDiT
+from aptserve.engines.loading import load_components, save_checkpoint, storage_dtype
+from aptserve.engines.sampling import one_step
+from aptserve.engines.vae import CausalVAE
+from aptserve.training.common import EMA, RunDir, Trainer, seed_everything
+from aptserve.training.discriminator import (
+    TRAIN_ATTENTION,
+    Discriminator,
+    approx_r1,
+    check_loss,
+    d_adversarial_loss,
+    g_adversarial_loss,
+    perturbation_std,
+    sample_d_timesteps,
+)
+from aptserve.training.latents import LatentSet, ensure_shorter_captions
+
+log = logging.getLogger("aptserve.training.apt")
+OPTIMIZERS = ("adam", "rmsprop")
+LR_SCHEDULES = ("constant", "linear")
+
+
+@dataclass(frozen=True)
+class APTStageConfig:
+    out: str = "runs/apt"
+    export: str = "models/shapes-apt-tiny"
+    teacher: str = "models/shapes-teacher-tiny"  # diffusion checkpoint: D starts from it, its VAE is exported
+    generator: str = "models/shapes-cd-tiny"  # consistency-distilled checkpoint: G starts from it
+    latents: str = "runs/latents-tiny.pt"
+    steps: int = 1000  # each step is one D update then one G update
+    batch_size: int = 16  # per micro-batch; each update averages `accumulate` of them
+    accumulate: int = 1  # micro-batches per D and per G update: an effective batch of batch_size * accumulate
+    lr_g: float = 3e-6  # the paper's video value; small models want more (config files override)
+    lr_d: float = 3e-6
+    lr_schedule: str = "constant"  # "linear": both lrs fall linearly from their value at step 0 to 0 after the last
+    optimizer: str = "adam"  # "adam": Adam(betas=(0, alpha)), bias-corrected; "rmsprop": RMSprop(alpha)
+    rmsprop_alpha: float = 0.9
+    ema_decay: float = 0.995
+    ema_warmup: bool = False  # min(decay, (1 + n) / (10 + n)): for runs much shorter than 1 / (1 - decay)
+    loss: str = "nonsaturating"  # or "relativistic" (APT2/SeedVR2), which adds approximated R2 on fakes
+    use_r1: bool = True  # the ablation switch: without it D wins and G collapses
+    r1_lambda: float = 100.0  # also the R2 weight with the relativistic loss (APT2 used 1000)
+    r1_sigma: float = 0.1  # 0.1 for video, 0.01 for images
+    sigma_is_variance: bool = False  # the paper says "variance"; False reads sigma as a standard deviation
+    d_shift: float = 12.0  # D's timestep ensemble shift(U(0, 1), s): 12 for video, 1 for images
+    shorter_captions: float = 0.0  # fraction of samples with a shorter caption of their clip (G and D alike)
+    export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 10
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check_loss(self.loss)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
+        positive = {"steps": self.steps, "batch_size": self.batch_size, "accumulate": self.accumulate}
+        positive |= {"lr_g": self.lr_g, "lr_d": self.lr_d}
+        positive |= {"r1_sigma": self.r1_sigma, "d_shift": self.d_shift}
+        positive |= {"checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
+        bad = {k: v for k, v in positive.items() if not v > 0}
+        if bad:
+            raise ValueError(f"APTStageConfig values must be positive; got {bad}")
+        if not 0.0 <= self.rmsprop_alpha < 1.0 or self.r1_lambda < 0:
+            raise ValueError(
+                f"need 0 <= rmsprop_alpha < 1 and r1_lambda >= 0; got {self.rmsprop_alpha}, {self.r1_lambda}"
+            )
+
+
+def make_optimizer(params: Iterable[nn.Parameter], lr: float, cfg: APTStageConfig) -> torch.optim.Optimizer:
+    """RMSProp with alpha 0.9 as the paper states it, i.e. Adam with beta1 = 0; no weight decay, no clipping."""
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.rmsprop_alpha, eps=1e-8, weight_decay=0.0)
+    return torch.optim.Adam(params, lr=lr, betas=(0.0, cfg.rmsprop_alpha), eps=1e-8, weight_decay=0.0)
+
+
+def lr_factor(step: int, cfg: APTStageConfig) -> float:
+    """The multiplier of both learning rates at 0-based `step`; a function of the step alone, so a resumed run
+    continues the schedule without scheduler state."""
+    return 1.0 - step / cfg.steps if cfg.lr_schedule == "linear" else 1.0
+
+
+def set_learning_rates(parts: APTParts, step: int, cfg: APTStageConfig) -> None:
+    factor = lr_factor(step, cfg)
+    for opt, lr in ((parts.opt_g, cfg.lr_g), (parts.opt_d, cfg.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+
+
+@dataclass
+class APTParts:
+    """Everything a step updates, and everything a resumed run needs back."""
+
+    generator: MMDiT
+    disc: Discriminator
+    ema: EMA
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.state_dict(),
+            "disc": self.disc.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.disc.load_state_dict(state["disc"])
+        self.ema.load_state_dict(state["ema"])
+        device = next(self.generator.parameters()).device  # the run file is loaded onto the CPU
+        self.ema.shadow = {name: value.to(device) for name, value in self.ema.shadow.items()}
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+
+def make_parts(teacher: MMDiT, generator: MMDiT, cfg: APTStageConfig) -> APTParts:
+    """D from a copy of the teacher (the teacher itself is left untouched), G from the student, both trainable."""
+    disc = Discriminator(teacher).to(cfg.device).train()
+    generator = generator.to(cfg.device).train().requires_grad_(True)
+    generator.attention_impl = TRAIN_ATTENTION
+    opt_g = make_optimizer(generator.parameters(), cfg.lr_g, cfg)
+    opt_d = make_optimizer(disc.parameters(), cfg.lr_d, cfg)
+    return APTParts(generator, disc, EMA(generator, cfg.ema_decay, cfg.ema_warmup), opt_g, opt_d)
+
+
+def generate(generator: MMDiT, z: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """G(z, c) = z - v(z, c, t=1): always the final timestep; CFG is already baked in by distillation."""
+    return one_step(lambda x, t: generator(x, t, text, mask), z)
+
+
+def sample_batch(data: LatentSet, cfg: APTStageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, text, mask = data.batch(torch.randint(len(data), (cfg.batch_size,)), cfg.shorter_captions)
+    return x.to(cfg.device), text.to(cfg.device), mask.to(cfg.device)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """No parameter gradients for `module` (gradients still flow through it to its inputs)."""
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        module.requires_grad_(True)
+
+
+def d_losses(
+    disc: Discriminator,
+    real: torch.Tensor,  # (B, C, F, h, w)
+    fake: torch.Tensor,  # (B, C, F, h, w), detached
+    text: torch.Tensor,
+    mask: torch.Tensor,
+    t: torch.Tensor,  # (B,) shared by a real sample, its fake and their perturbations
+    eps_real: torch.Tensor,
+    eps_fake: torch.Tensor | None,
+    cfg: APTStageConfig,
+) -> dict[str, torch.Tensor]:
+    """D's loss terms; the perturbed copies for approximated R1 (and R2) ride in the same forward pass."""
+    std = perturbation_std(cfg.r1_sigma, cfg.sigma_is_variance)
+    with_r2 = cfg.use_r1 and cfg.loss == "relativistic"
+    inputs = [real, fake]
+    if cfg.use_r1:
+        inputs.append(real + std * eps_real)
+    if with_r2:
+        inputs.append(fake + std * eps_fake)
+    n = len(inputs)
+    logits = disc(torch.cat(inputs), t.repeat(n), text.repeat(n, 1, 1), mask.repeat(n, 1)).chunk(n)  # n x (B,)
+    adversarial = d_adversarial_loss(logits[0], logits[1], cfg.loss)
+    r1 = approx_r1(logits[0], logits[2], cfg.r1_lambda) if cfg.use_r1 else torch.zeros((), device=real.device)
+    losses = {"d_loss": adversarial, "r1": r1, "d_real": logits[0].mean(), "d_fake": logits[1].mean()}
+    if with_r2:
+        losses["r2"] = approx_r1(logits[1], logits[3], cfg.r1_lambda)
+    losses["total"] = adversarial + r1 + losses.get("r2", 0.0)
+    return losses
+
+
+def accumulated(micro_step: Callable[[], dict[str, torch.Tensor]], n: int) -> dict[str, float]:
+    """Run `n` micro-batches, backpropagating each one's "total" / n (so the summed gradient is that of their mean,
+    i.e. of one batch n times larger), and return every logged value averaged over them."""
+    sums: dict[str, float] = {}
+    for _ in range(n):
+        losses = micro_step()
+        (losses.pop("total") / n).backward()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.item() / n
+    return sums
+
+
+def d_micro_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, torch.Tensor]:
+    real, text, mask = sample_batch(data, cfg)
+    with torch.no_grad():
+        fake = generate(parts.generator, torch.randn_like(real), text, mask)
+    t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
+    eps_fake = torch.randn_like(fake) if cfg.loss == "relativistic" else None
+    return d_losses(parts.disc, real, fake, text, mask, t, torch.randn_like(real), eps_fake, cfg)
+
+
+def d_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, float]:
+    parts.opt_d.zero_grad(set_to_none=True)
+    logged = accumulated(lambda: d_micro_step(parts, data, cfg), cfg.accumulate)
+    parts.opt_d.step()
+    return logged
+
+
+def g_micro_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, torch.Tensor]:
+    real, text, mask = sample_batch(data, cfg)
+    t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
+    fake = generate(parts.generator, torch.randn_like(real), text, mask)
+    d_fake = parts.disc(fake, t, text, mask)
+    with torch.no_grad():
+        d_real = parts.disc(real, t, text, mask) if cfg.loss == "relativistic" else None
+    loss = g_adversarial_loss(d_fake, d_real, cfg.loss)
+    return {"total": loss, "g_loss": loss.detach()}
+
+
+def g_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, float]:
+    parts.opt_g.zero_grad(set_to_none=True)
+    with frozen(parts.disc):
+        logged = accumulated(lambda: g_micro_step(parts, data, cfg), cfg.accumulate)
+    parts.opt_g.step()
+    parts.ema.update(parts.generator)
+    return logged
+
+
+def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, CausalVAE]:
+    """Load teacher, student and latents; the returned config is what the exported one-step model carries."""
+    teacher_config, teacher = load_components(cfg.teacher, ("dit", "vae"))
+    student_config, student = load_components(cfg.generator, ("dit",))
+    normalisations = {c.vae.normalisation for c in (teacher_config, student_config)}
+    if len(normalisations) > 1:
+        raise ValueError(
+            f"{cfg.generator} and {cfg.teacher} use different latent normalisations; "
+            "the generator must be distilled from this teacher"
+        )
+    data = LatentSet.load(cfg.latents)
+    if cfg.shorter_captions > 0:
+        data = ensure_shorter_captions(data, cfg.latents, teacher_config.text)
+    data = data.normalised_as(teacher_config.vae)
+    parts = make_parts(teacher["dit"], student["dit"], cfg)
+    config = dataclasses.replace(
+        teacher_config, name=Path(cfg.export).name, dit=student_config.dit, default_steps=1, guidance_scale=1.0
+    )
+    return parts, data, config, teacher["vae"]
+
+
+def export(parts: APTParts, config: ModelConfig, vae: CausalVAE, cfg: APTStageConfig) -> Path:
+    """The EMA generator with the teacher's VAE, as a full inference checkpoint."""
+    g_ema = MMDiT(parts.generator.config)
+    parts.ema.copy_to(g_ema)
+    return save_checkpoint(cfg.export, config, {"dit": g_ema, "vae": vae}, storage_dtype(cfg.export_dtype))
+
+
+def train_apt(cfg: APTStageConfig, progress: bool = True) -> Path:
+    storage_dtype(cfg.export_dtype)  # a bad name fails now, not at export
+    seed_everything(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    parts, data, config, vae = build(cfg)
+    run = RunDir(cfg.out)
+
+    def get_state() -> dict[str, Any]:
+        return {**parts.state_dict(), "config": dataclasses.asdict(cfg)}
+
+    trainer = Trainer(
+        run, cfg.steps, get_state, parts.load_state_dict, cfg.checkpoint_every, cfg.log_every, progress, "train apt"
+    )
+    trainer.resume()
+
+    def step(i: int) -> dict[str, float]:
+        set_learning_rates(parts, i, cfg)
+        return {**d_step(parts, data, cfg), **g_step(parts, data, cfg)}  # 1:1 alternation, D first
+
+    if trainer.fit(step) < cfg.steps:
+        log.info("stopped at step %d; run the same command again to resume", trainer.step)
+        return run.path
+    return export(parts, config, vae, cfg)

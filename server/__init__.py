@@ -1,1 +1,0 @@
-"""The aptserve HTTP service and command line."""

@@ -52,9 +52,10 @@ def run_generate(args: argparse.Namespace) -> int:
             args.prompt, args.seed, args.size, args.seconds, args.steps,
             guidance_scale=args.guidance, complete_prompts=args.complete_prompt,
         )  # fmt: skip
-        if (encoded := pipeline.prompts_for(request)[0]) != args.prompt:
-            log.info("prompt completed by the model's caption grammar: %r", encoded)
-        bar.reset(total=pipeline.latent_shape(request)[1])
+        request = pipeline.complete_prompts(request)
+        if request.prompts[0] != args.prompt:
+            log.info("prompt completed by the model's caption grammar: %r", request.prompts[0])
+        bar.reset(total=pipeline.num_chunks(request))
         bar.set_description("text + DiT")
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with (
@@ -98,7 +99,7 @@ def run_analyze(args: argparse.Namespace) -> int:
     import av
     import numpy as np
 
-    from aptserve.training.analyzer import analyze
+    from aptserve.evaluation.analyzer import analyze
     from aptserve.training.data import named_attributes
 
     expected = named_attributes(args.prompt) if args.prompt else {}
@@ -150,7 +151,7 @@ TRAIN_STAGES = {
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="run one stage of the APT recipe (resumes from its run folder)")
     p.add_argument("stage", choices=sorted(TRAIN_STAGES))
-    p.add_argument("--config", type=Path, default=None, help="JSON stage config (see training/configs/)")
+    p.add_argument("--config", type=Path, default=None, help="JSON stage config (see configs/)")
     p.add_argument("--steps", type=int, default=None, help="override the config's step count")
     p.add_argument("--out", default=None, help="run folder (state.pt, losses.csv); rerunning resumes")
     p.add_argument("--export", default=None, help="checkpoint folder written at the end")
@@ -179,7 +180,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="score systems on held-out prompts: adherence, Frechet distance, sharpness")
-    p.add_argument("--config", type=Path, default=None, help="JSON eval config (see training/configs/eval_tiny.json)")
+    p.add_argument("--config", type=Path, default=None, help="JSON eval config (see configs/eval_tiny.json)")
     p.add_argument("--prompts", type=int, default=None, help="number of held-out prompts")
     p.add_argument("--out", default=None, help="markdown table to write")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -197,9 +198,9 @@ def add_eval_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from aptserve.evaluation.config import EvalConfig
+    from aptserve.evaluation.report import run_eval as evaluate
     from aptserve.training.common import load_stage_config
-    from aptserve.training.eval import EvalConfig
-    from aptserve.training.eval import run_eval as evaluate
 
     cfg = load_stage_config(EvalConfig, args.config, {"prompts": args.prompts, "out": args.out})
     if args.threads:

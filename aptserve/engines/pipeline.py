@@ -6,6 +6,7 @@ caller can record them (the pipeline itself never touches metrics). Closing the 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -129,7 +130,7 @@ class Pipeline:
         timings = dict.fromkeys(STAGES, 0.0)
         with torch.inference_mode():
             with _timed(timings, "text_encode", self.device):
-                text, mask = self.encode_text(self.prompts_for(request))
+                text, mask = self.encode_text(self.complete_prompts(request).prompts)
             _check(cancelled)
             with _timed(timings, "dit", self.device):
                 latent = self.denoise(request, text, mask)
@@ -150,12 +151,17 @@ class Pipeline:
         chunks = list(self.generate(request))
         return np.concatenate([c.frames for c in chunks], axis=1), chunks[-1].timings
 
-    def prompts_for(self, request: GenerationRequest) -> list[str]:
-        """What the text encoder reads: each prompt completed by the model's caption grammar with its seed
-        (engines.prompts), or the prompts as written when the model has no grammar or the request opts out."""
+    def complete_prompts(self, request: GenerationRequest) -> GenerationRequest:
+        """The request as the text encoder will read it: each prompt completed by the model's caption grammar with
+        its seed (aptserve.engines.prompts), marked done; unchanged when the model has no grammar or it opts out."""
         if self.grammar is None or not request.complete_prompts:
-            return list(request.prompts)
-        return [self.grammar.complete(p, s) for p, s in zip(request.prompts, request.seeds)]
+            return request
+        prompts = [self.grammar.complete(p, s) for p, s in zip(request.prompts, request.seeds)]
+        return dataclasses.replace(request, prompts=prompts, complete_prompts=False)
+
+    def num_chunks(self, request: GenerationRequest) -> int:
+        """How many chunks `generate` yields: one per latent frame (1 frame, then 4 each)."""
+        return self.latent_shape(request)[1]
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         text, mask = self.text_encoder.encode(prompts)

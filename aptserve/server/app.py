@@ -14,13 +14,15 @@ from fastapi import FastAPI
 
 from aptserve.engines.config import MODEL_PRESETS, ModelConfig
 from aptserve.engines.loading import read_config, resolve_model
+from aptserve.server.context import Services
 from aptserve.server.errors import install_error_handlers
-from aptserve.server.jobs import JobStore
+from aptserve.server.generation import Generation
+from aptserve.server.jobs import JobManager
 from aptserve.server.metrics import Metrics, MetricsMiddleware
 from aptserve.server.routes import streaming, system, videos
 from aptserve.server.scheduler import Scheduler
-from aptserve.server.services import Services
 from aptserve.server.settings import Settings
+from aptserve.server.store import JobStore
 from aptserve.server.worker import EngineWorker
 
 log = logging.getLogger("aptserve")
@@ -74,7 +76,8 @@ def build_services(settings: Settings) -> Services:
         settings.prompt_completion,
     )
     store = JobStore(settings.data_dir, ttl_seconds=settings.job_ttl_s)
-    return Services(settings, metrics, scheduler, worker, store, name, config)
+    generation = Generation(settings, metrics, scheduler, worker, name, config)
+    return Services(settings, metrics, worker, store, generation, JobManager(generation, store))
 
 
 @asynccontextmanager
@@ -83,16 +86,13 @@ async def lifespan(app: FastAPI):
     if not services.settings.api_keys:
         log.warning("no API keys configured: the server is open to anyone who can reach it")
     services.worker.start()
-    services.recover_jobs()
-    cleanup = asyncio.create_task(services.cleanup_loop())
+    services.jobs.recover()
+    cleanup = asyncio.create_task(services.jobs.cleanup_loop(services.settings.cleanup_interval_s))
     try:
         yield
     finally:
         cleanup.cancel()
-        for ticket, task in list(services.jobs.values()):
-            ticket.cancel("shutdown")
-            task.cancel()
-        await asyncio.gather(*(task for _, task in list(services.jobs.values())), return_exceptions=True)
+        await services.jobs.shutdown()
         await asyncio.to_thread(services.worker.stop)
         with contextlib.suppress(Exception):
             services.store.close()

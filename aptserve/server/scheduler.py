@@ -39,6 +39,8 @@ class Started:
     request_id: str
     batch_size: int
     queue_wait: float
+    encoded_prompt: str  # what the text encoder reads: the prompt, or its completion by the model's caption grammar
+    num_chunks: int  # decode chunks to come: the pipeline's layout (1 frame, then 4 per latent frame)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ class EngineWorker:
         complete_prompts: bool = True,
     ):
         self._load, self.scheduler, self.warmup = load, scheduler, warmup
-        self.complete_prompts = complete_prompts  # by the model's caption grammar (engines.prompts)
+        self.complete_prompts = complete_prompts  # by the model's caption grammar (aptserve.engines.prompts)
         self.pipeline: Pipeline | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
@@ -60,8 +60,6 @@ class EngineWorker:
 
     def run_batch(self, batch: list[Ticket]) -> None:
         now = time.monotonic()
-        for ticket in batch:
-            ticket.deliver(Started(ticket.request.id, len(batch), now - ticket.accepted_at))
         first = batch[0].request
         request = GenerationRequest(
             [t.request.prompt for t in batch],
@@ -72,6 +70,10 @@ class EngineWorker:
             first.steps,
             complete_prompts=self.complete_prompts,
         )
+        request = self.pipeline.complete_prompts(request)  # the one place prompts are completed; reported below
+        num_chunks = self.pipeline.num_chunks(request)
+        for ticket, encoded in zip(batch, request.prompts):
+            ticket.deliver(Started(ticket.request.id, len(batch), now - ticket.accepted_at, encoded, num_chunks))
         timings: dict[str, float] = {}
         try:
             for chunk in self.pipeline.generate(request, cancelled=lambda: all(self._stopped(t) for t in batch)):

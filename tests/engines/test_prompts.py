@@ -91,10 +91,10 @@ def test_the_pipeline_encodes_the_completed_prompt(tiny_pipeline):
     )  # fmt: skip
     short, full = "a red circle moving left", GRAMMAR.complete("a red circle moving left", 4)
     request = pipeline.request([short], seeds=[4], seconds=0.5)
-    assert pipeline.prompts_for(request) == [full]
+    assert pipeline.complete_prompts(request).prompts == [full]
     as_written = pipeline.request([short], seeds=[4], seconds=0.5, complete_prompts=False)
-    assert pipeline.prompts_for(as_written) == [short]
-    assert tiny_pipeline.prompts_for(request) == [short]  # a model without a grammar encodes prompts as written
+    assert pipeline.complete_prompts(as_written).prompts == [short]
+    assert tiny_pipeline.complete_prompts(request).prompts == [short]  # a model without a grammar encodes prompts as written
     completed, _ = pipeline.generate_video(request)
     written_full, _ = tiny_pipeline.generate_video(tiny_pipeline.request([full], seeds=[4], seconds=0.5))
     written_short, _ = tiny_pipeline.generate_video(as_written)

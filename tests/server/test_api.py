@@ -158,17 +158,18 @@ def test_a_model_that_fails_to_load_is_reported_not_queued(tmp_path):
 
 
 def test_a_completed_prompt_is_reported_as_revised_prompt(tmp_path):
-    """The default model carries its caption grammar: the video object says what the model was given."""
+    """The default model carries its caption grammar: once the worker has started a job, the video object says
+    what the model was given (the worker completes the prompt, and reports it)."""
     settings = make_settings(tmp_path, model="models/shapes-apt-tiny", warmup=False)
     with TestClient(create_app(settings)) as client:
-        short = client.post("/v1/videos", json={"prompt": "a red circle moving left", "seed": 0, "seconds": 0.5}).json()
+        queued = client.post("/v1/videos", json={"prompt": "a red circle moving left", "seed": 0, "seconds": 0.5})
+        assert queued.json()["revised_prompt"] is None  # not started: nothing encoded yet
+        short = completed_job(client, prompt="a red circle moving left", seed=0, seconds=0.5)
         assert short["revised_prompt"] == "a small red circle moving left slowly on a gray background"
-        assert client.get(f"/v1/videos/{short['id']}").json()["revised_prompt"] == short["revised_prompt"]
         full = "a large red circle moving left slowly on a black background"
-        assert client.post("/v1/videos", json={"prompt": full, "seconds": 0.5}).json()["revised_prompt"] is None
-        other = client.post("/v1/videos", json={"prompt": "a cat on a mat", "seconds": 0.5}).json()
-        assert other["revised_prompt"] is None
+        assert completed_job(client, prompt=full, seconds=0.5)["revised_prompt"] is None
+        assert completed_job(client, prompt="a cat on a mat", seconds=0.5)["revised_prompt"] is None
     as_written = make_settings(tmp_path / "off", model="models/shapes-apt-tiny", warmup=False, prompt_completion=False)
     with TestClient(create_app(as_written)) as client:
-        job = client.post("/v1/videos", json={"prompt": "a red circle moving left", "seed": 0, "seconds": 0.5}).json()
+        job = completed_job(client, prompt="a red circle moving left", seed=0, seconds=0.5)
         assert job["revised_prompt"] is None

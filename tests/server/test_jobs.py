@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from aptserve.server import jobs as jobs_module
-from aptserve.server.jobs import COMPLETED, FAILED, IN_PROGRESS, QUEUED, STATUSES, JobStore, VideoJob, new_job_id
+from aptserve.server import store as jobs_module
+from aptserve.server.store import COMPLETED, FAILED, IN_PROGRESS, QUEUED, STATUSES, JobStore, VideoJob, new_job_id
 
 TTL = 100
 

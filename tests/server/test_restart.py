@@ -6,7 +6,7 @@ import time
 import av
 import httpx
 
-from aptserve.server.jobs import JobStore, VideoJob
+from aptserve.server.store import JobStore, VideoJob
 
 
 def frames_of(data: bytes) -> int:

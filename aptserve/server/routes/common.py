@@ -8,8 +8,8 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
+from aptserve.server.context import Services
 from aptserve.server.errors import APIError
-from aptserve.server.services import Services
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -12,12 +12,13 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from aptserve.server.auth import require_api_key, websocket_key_is_valid
+from aptserve.server.context import Services
 from aptserve.server.errors import APIError, envelope
-from aptserve.server.jobs import new_job_id
+from aptserve.server.generation import GenerationStopped
 from aptserve.server.protocol import SyncVideoParams, WsCancel, WsGenerate, ws_event
 from aptserve.server.routes.common import ServicesDep, body_schema, read_body
 from aptserve.server.scheduler import Ticket
-from aptserve.server.services import GenerationStopped, Services
+from aptserve.server.store import new_job_id
 
 log = logging.getLogger("aptserve.streaming")
 router = APIRouter(prefix="/v1/videos", tags=["streaming"])
@@ -38,11 +39,12 @@ def video_headers(ticket: Ticket) -> dict[str, str]:
 async def generate_sync(request: Request, services: ServicesDep) -> Response:
     """Generate and return the MP4 in the response; with stream=true, a progressive fMP4 body."""
     params = await read_body(request, SyncVideoParams)
-    ticket = services.submit(services.engine_request(params, new_job_id()))
+    generation = services.generation
+    ticket = generation.submit(generation.engine_request(params, new_job_id()))
     if params.stream:
         return StreamingResponse(_body(services, ticket), media_type="video/mp4", headers=video_headers(ticket))
     try:
-        data = await services.collect(ticket)
+        data = await generation.collect(ticket)
     except GenerationStopped as exc:
         raise _stopped_error(exc) from exc
     return Response(data, media_type="video/mp4", headers=video_headers(ticket))
@@ -51,7 +53,7 @@ async def generate_sync(request: Request, services: ServicesDep) -> Response:
 async def _body(services: Services, ticket: Ticket):
     # The status line is already sent, so a failure mid-stream can only end the body early.
     try:
-        async for piece in services.stream(ticket):
+        async for piece in services.generation.stream(ticket):
             if piece.data:
                 services.metrics.stream_bytes.inc(len(piece.data))
                 yield piece.data
@@ -125,8 +127,8 @@ class StreamSession:
     async def start(self, message: dict) -> None:
         try:
             params = WsGenerate.model_validate(message)
-            request = self.services.engine_request(params, new_job_id())
-            ticket = self.services.submit(request)
+            request = self.services.generation.engine_request(params, new_job_id())
+            ticket = self.services.generation.submit(request)
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
@@ -135,7 +137,9 @@ class StreamSession:
         except APIError as exc:
             await self.error(exc.status, exc.message, exc.code, exc.param)
             return
-        await self.send(ws_event("queued", id=request.id, position=self.services.scheduler.depth(), seed=request.seed))
+        await self.send(
+            ws_event("queued", id=request.id, position=self.services.generation.scheduler.depth(), seed=request.seed)
+        )
         task = asyncio.create_task(self.run(ticket))
         self.running[request.id] = (ticket, task)
         task.add_done_callback(lambda _: self.running.pop(request.id, None))
@@ -148,12 +152,12 @@ class StreamSession:
             return
         for video_id, (ticket, _) in list(self.running.items()):
             if target in (None, video_id):
-                self.services.cancel(ticket, "client_cancel")
+                self.services.generation.cancel(ticket, "client_cancel")
 
     async def run(self, ticket: Ticket) -> None:
         r = ticket.request
         try:
-            async for piece in self.services.stream(ticket):
+            async for piece in self.services.generation.stream(ticket):
                 if piece.kind == "started":
                     await self.send(
                         ws_event(
@@ -163,7 +167,6 @@ class StreamSession:
                             height=r.height,
                             fps=r.fps,
                             frames=r.frames,
-                            chunks=(r.frames - 1) // 4 + 1,
                             **piece.info,
                         )
                     )
@@ -183,11 +186,11 @@ class StreamSession:
                 else:
                     await self.send(ws_event("cancelled", id=r.id, reason=exc.reason))
         except (WebSocketDisconnect, RuntimeError):
-            pass  # the client left; services.stream's cleanup cancels the ticket
+            pass  # the client left; Generation.stream's cleanup cancels the ticket
 
     async def close(self) -> None:
         for ticket, task in list(self.running.values()):
-            self.services.cancel(ticket, "client_disconnected")
+            self.services.generation.cancel(ticket, "client_disconnected")
             task.cancel()
         for _, task in list(self.running.values()):
             with contextlib.suppress(BaseException):

@@ -9,10 +9,10 @@ from fastapi.responses import FileResponse
 
 from aptserve.server.auth import require_api_key
 from aptserve.server.errors import APIError, not_found
-from aptserve.server.jobs import COMPLETED
+from aptserve.server.jobs import job_to_video
 from aptserve.server.protocol import Video, VideoCreateParams, VideoDeleted, VideoList
 from aptserve.server.routes.common import ServicesDep, body_schema, read_body
-from aptserve.server.services import job_to_video
+from aptserve.server.store import COMPLETED
 
 router = APIRouter(prefix="/v1/videos", tags=["videos"], dependencies=[Depends(require_api_key)])
 
@@ -23,7 +23,7 @@ POLL_AFTER_MS = "250"  # hint the OpenAI SDK's create_and_poll reads
 async def create_video(request: Request, services: ServicesDep) -> Video:
     """Queue a video generation job (JSON or multipart form)."""
     params = await read_body(request, VideoCreateParams)
-    return job_to_video(services.create_job(params))
+    return job_to_video(services.jobs.create(params))
 
 
 @router.get("", response_model=VideoList)
@@ -75,6 +75,6 @@ async def download_video(
 @router.delete("/{video_id}", response_model=VideoDeleted)
 async def delete_video(video_id: str, services: ServicesDep) -> VideoDeleted:
     """Delete a job and its file; a queued or running generation is cancelled."""
-    if services.delete_job(video_id) is None:
+    if services.jobs.delete(video_id) is None:
         raise not_found("video", video_id)
     return VideoDeleted(id=video_id)

@@ -1,0 +1,333 @@
+"""Video job store: job metadata in SQLite and finished MP4s as files under one data directory.
+
+Stdlib only, so it can be used (and tested) without the web stack. One connection serves every thread, serialised
+by a lock; jobs survive a restart through `recover()`, and old jobs go away through `cleanup_expired()`.
+
+Transitions (anything else leaves the job untouched and returns None, exactly as if it did not exist):
+    queued      -> in_progress  mark_started (attempts += 1)
+    in_progress -> in_progress  set_progress
+    in_progress -> completed    mark_completed
+    queued | in_progress -> failed  mark_failed
+    in_progress -> queued       requeue
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+QUEUED = "queued"
+IN_PROGRESS = "in_progress"
+COMPLETED = "completed"
+FAILED = "failed"
+STATUSES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
+
+SCHEMA_VERSION = 2
+_ID_RE = re.compile(r"video_[0-9a-f]{32}")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY,  -- explicit, so VACUUM cannot renumber it: ties on created_at sort by insertion
+    id TEXT NOT NULL UNIQUE, status TEXT NOT NULL, progress INTEGER NOT NULL,
+    created_at INTEGER NOT NULL, completed_at INTEGER, expires_at INTEGER,
+    model TEXT NOT NULL, prompt TEXT NOT NULL, size TEXT NOT NULL, seconds TEXT NOT NULL,
+    seed INTEGER NOT NULL, steps INTEGER NOT NULL, fps INTEGER NOT NULL,
+    error_code TEXT, error_message TEXT, attempts INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    revised_prompt TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_created_at ON jobs (created_at, seq);
+"""
+
+
+def new_job_id() -> str:
+    """A fresh job id shaped like OpenAI's: "video_" + 32 hex digits."""
+    return "video_" + uuid.uuid4().hex
+
+
+@dataclass(kw_only=True)
+class VideoJob:
+    """One video generation job as stored; timestamps are unix seconds."""
+
+    id: str = field(default_factory=new_job_id)
+    status: str = QUEUED
+    progress: int = 0
+    created_at: int = 0
+    completed_at: int | None = None
+    expires_at: int | None = None
+    model: str
+    prompt: str
+    size: str  # "WxH"
+    seconds: str  # a string, as the OpenAI API spells it
+    seed: int
+    steps: int
+    fps: int
+    error_code: str | None = None
+    error_message: str | None = None
+    attempts: int = 0  # times a worker started it; bounds retries after crashes
+    bytes: int = 0  # MP4 size, 0 until completed
+    revised_prompt: str | None = None  # the prompt the model was given, where the server completed it
+
+
+_COLUMNS = tuple(f.name for f in fields(VideoJob))
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+
+
+class JobStore:
+    """Thread-safe job metadata (SQLite) plus MP4 files in `data_dir/videos/`."""
+
+    def __init__(self, data_dir: str | Path, ttl_seconds: float = 86400, clock: Callable[[], float] = time.time):
+        if ttl_seconds < 0:
+            raise ValueError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
+        self.data_dir = Path(data_dir)
+        self.videos_dir = self.data_dir / "videos"
+        self.videos_dir.mkdir(parents=True, exist_ok=True)
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Autocommit mode: writes open explicit transactions in `_write`, so nothing stays half-open between calls.
+        self._conn = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL survives a process crash; a power loss may drop the last commits but never corrupts.
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"job database schema {version} is newer than this aptserve supports ({SCHEMA_VERSION})")
+        if version == 1:  # a database of the first schema keeps its jobs and gains the column
+            self._conn.executescript(  # one transaction: the column and the version move together
+                f"BEGIN; ALTER TABLE jobs ADD COLUMN revised_prompt TEXT; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        elif version < SCHEMA_VERSION:
+            self._conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE takes the write lock up front, so a read-then-write cannot interleave with another process.
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _select(self, where: str, params: tuple = ()) -> list[VideoJob]:
+        rows = self._conn.execute(f"{_SELECT} {where}", params).fetchall()
+        return [VideoJob(**dict(zip(_COLUMNS, row))) for row in rows]
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    # -- records --
+
+    def create(self, job: VideoJob) -> VideoJob:
+        """Insert a new job; a zero `created_at` is filled from the clock. Returns the stored record."""
+        _check_id(job.id)
+        if job.status not in STATUSES:
+            raise ValueError(f"unknown status {job.status!r}; expected one of {STATUSES}")
+        job = replace(job, created_at=job.created_at or self._now())
+        try:
+            with self._write() as conn:
+                placeholders = ", ".join("?" * len(_COLUMNS))
+                values = tuple(getattr(job, name) for name in _COLUMNS)
+                conn.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", values)
+        except sqlite3.IntegrityError as e:
+            raise ValueError(f"job {job.id} already exists") from e
+        return job
+
+    def get(self, job_id: str) -> VideoJob | None:
+        with self._lock:
+            jobs = self._select("WHERE id = ?", (job_id,))
+        return jobs[0] if jobs else None
+
+    def list(self, after: str | None = None, limit: int = 20, order: str = "desc") -> tuple[list[VideoJob], bool]:
+        """One page of jobs by creation time, starting after job id `after`; returns (page, has_more)."""
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
+        if not 1 <= limit <= 100:
+            raise ValueError(f"limit must be between 1 and 100, got {limit}")
+        direction, compare = ("ASC", ">") if order == "asc" else ("DESC", "<")
+        with self._lock:
+            where, params = "", ()
+            if after is not None:
+                cursor = self._conn.execute("SELECT created_at, seq FROM jobs WHERE id = ?", (after,)).fetchone()
+                if cursor is None:
+                    raise KeyError(after)
+                where, params = f"WHERE (created_at, seq) {compare} (?, ?)", tuple(cursor)
+            # One extra row tells whether another page exists.
+            order_by = f"ORDER BY created_at {direction}, seq {direction} LIMIT ?"
+            jobs = self._select(f"{where} {order_by}", (*params, limit + 1))
+        return jobs[:limit], len(jobs) > limit
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        return {status: 0 for status in STATUSES} | dict(rows)
+
+    # -- transitions: one guarded UPDATE each; None if the job is gone or not in a source state --
+
+    def _transition(
+        self, job_id: str, sources: tuple[str, ...], assignments: str, params: tuple, drop_files: bool = False
+    ) -> VideoJob | None:
+        in_sources = ", ".join("?" * len(sources))
+        with self._write() as conn:
+            sql = f"UPDATE jobs SET {assignments} WHERE id = ? AND status IN ({in_sources})"
+            if conn.execute(sql, (*params, job_id, *sources)).rowcount == 0:
+                return None
+            if drop_files:  # under the lock, so a worker that restarts the job cannot have written anything yet
+                self._remove_files(job_id)
+            return self._select("WHERE id = ?", (job_id,))[0]
+
+    def mark_started(self, job_id: str, revised_prompt: str | None = None) -> VideoJob | None:
+        """Queued -> in_progress; `revised_prompt` is what the worker encoded, where it differs from the prompt."""
+        sets = "status = ?, attempts = attempts + 1, progress = 0, revised_prompt = ?"
+        return self._transition(job_id, (QUEUED,), sets, (IN_PROGRESS, revised_prompt))
+
+    def set_progress(self, job_id: str, progress: int) -> VideoJob | None:
+        if not 0 <= progress <= 100:
+            raise ValueError(f"progress must be between 0 and 100, got {progress}")
+        return self._transition(job_id, (IN_PROGRESS,), "progress = ?", (progress,))
+
+    def mark_completed(self, job_id: str, size_bytes: int) -> VideoJob | None:
+        """Completion requires in_progress; call `finalize_file` first so the content exists before the status."""
+        now = self._now()
+        sets = "status = ?, progress = 100, completed_at = ?, expires_at = ?, bytes = ?"
+        return self._transition(job_id, (IN_PROGRESS,), sets, (COMPLETED, now, self._expiry(now), size_bytes))
+
+    def mark_failed(self, job_id: str, code: str, message: str) -> VideoJob | None:
+        """Fail a queued or running job; any file it left is removed, since a failed job has no content."""
+        now = self._now()
+        sets = "status = ?, completed_at = ?, expires_at = ?, error_code = ?, error_message = ?"
+        params = (FAILED, now, self._expiry(now), code, message)
+        return self._transition(job_id, (QUEUED, IN_PROGRESS), sets, params, drop_files=True)
+
+    def requeue(self, job_id: str) -> VideoJob | None:
+        """Put a running job back in the queue (attempts kept); its partial output is discarded."""
+        return self._transition(job_id, (IN_PROGRESS,), "status = ?, progress = 0", (QUEUED,), drop_files=True)
+
+    def _expiry(self, now: int) -> int:
+        return int(now + self._ttl)
+
+    # -- files --
+
+    def video_path(self, job_id: str) -> Path:
+        _check_id(job_id)  # ids reach file names, so nothing but our own format may pass
+        return self.videos_dir / f"{job_id}.mp4"
+
+    def partial_path(self, job_id: str) -> Path:
+        return self.video_path(job_id).with_name(f"{job_id}.mp4.part")
+
+    def finalize_file(self, job_id: str) -> int:
+        """Atomically move the finished `.part` file to the final path; returns its size in bytes.
+
+        FileNotFoundError if there is no `.part` file, e.g. because the job was deleted or failed meanwhile.
+        """
+        partial, final = self.partial_path(job_id), self.video_path(job_id)
+        # fsync before the rename: otherwise a power loss can leave the new name pointing at missing data.
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+            size = os.fstat(f.fileno()).st_size
+        with (
+            self._lock
+        ):  # so mark_failed/requeue/delete, which remove files under it, see before or after, never between
+            os.replace(partial, final)
+        _fsync_dir(self.videos_dir)
+        return size
+
+    def _remove_files(self, job_id: str) -> None:
+        self.partial_path(job_id).unlink(missing_ok=True)
+        self.video_path(job_id).unlink(missing_ok=True)
+
+    # -- housekeeping --
+
+    def delete(self, job_id: str) -> VideoJob | None:
+        """Remove a job's row and files; returns the deleted job, or None if there was none."""
+        with self._write() as conn:
+            jobs = self._select("WHERE id = ?", (job_id,))
+            if not jobs:
+                return None
+            conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            # A worker still running may write a new .part after this; cleanup_expired removes such orphans.
+            self._remove_files(job_id)
+        return jobs[0]
+
+    def recover(self, max_attempts: int = 3) -> tuple[list[VideoJob], list[VideoJob]]:
+        """At startup, before any worker runs: requeue or fail interrupted jobs; returns (to_queue, failed_now)."""
+        now = self._now()
+        fail = "status = ?, completed_at = ?, expires_at = ?, error_code = ?, error_message = ?"
+        with self._write() as conn:
+            interrupted = self._select("WHERE status = ?", (IN_PROGRESS,))
+            exhausted = [job for job in interrupted if job.attempts >= max_attempts]
+            for job in exhausted:
+                message = f"the server restarted during generation too many times ({job.attempts} attempts); giving up"
+                conn.execute(
+                    f"UPDATE jobs SET {fail} WHERE id = ?",
+                    (FAILED, now, self._expiry(now), "interrupted", message, job.id),
+                )
+            conn.execute("UPDATE jobs SET status = ?, progress = 0 WHERE status = ?", (QUEUED, IN_PROGRESS))
+            queued = self._select("WHERE status = ? ORDER BY created_at, seq", (QUEUED,))
+            failed_now = [self._select("WHERE id = ?", (job.id,))[0] for job in exhausted]
+        # Nothing is being written now, so every partial file is debris; so is a final file of an unfinished job.
+        for path in self.videos_dir.glob("*.mp4.part"):
+            path.unlink(missing_ok=True)
+        for job in interrupted:
+            self.video_path(job.id).unlink(missing_ok=True)
+        return queued, failed_now
+
+    def cleanup_expired(self) -> int:
+        """Delete finished jobs past expires_at (rows and files) and files with no row; returns jobs removed."""
+        with self._write() as conn:
+            where = "WHERE status IN (?, ?) AND expires_at <= ?"
+            params = (COMPLETED, FAILED, self._clock())
+            expired = self._select(where, params)
+            conn.execute(f"DELETE FROM jobs {where}", params)
+        for job in expired:
+            self._remove_files(job.id)
+        self._remove_orphans()
+        return len(expired)
+
+    def _remove_orphans(self) -> None:
+        # List files before reading ids: a job's row exists before its file, so a new job is never taken for an orphan.
+        files = [p for p in self.videos_dir.iterdir() if p.name.endswith((".mp4", ".mp4.part"))]
+        with self._lock:
+            known = {row[0] for row in self._conn.execute("SELECT id FROM jobs")}
+        for path in files:
+            if path.name.split(".", 1)[0] not in known:
+                path.unlink(missing_ok=True)
+
+
+def _check_id(job_id: str) -> None:
+    if not _ID_RE.fullmatch(job_id):
+        raise ValueError(f"invalid job id {job_id!r}; expected 'video_' followed by 32 hex digits")
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable (POSIX); where a directory cannot be opened there is nothing to do.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,21 +1,18 @@
 """Accuracy of the shapes analyzer (colour, shape, motion read back from frames) on rendered held-out clips,
 clean and degraded the way generated clips are (blur, noise, softening).
 
-    python bench/analyzer_accuracy.py [--prompts 256]
+    python experiments/analyzer_accuracy.py [--prompts 256]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-
-from aptserve.training.analyzer import adherence, analyze, degrade
+from aptserve.evaluation.analyzer import adherence, analyze, degrade
+from aptserve.evaluation.generate import eval_specs
 from aptserve.training.data import render
-from aptserve.training.eval import eval_specs
 
 LEVELS = {"clean": None, "blur 1, noise 6, 2x soften": (1.0, 6.0, 2), "blur 2, noise 12, 2x soften": (2.0, 12.0, 2)}
 

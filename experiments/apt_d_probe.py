@@ -2,19 +2,16 @@
 fixed, as at the start of APT) for a few steps per setting and prints D's loss and the gap between its mean
 logits on real and generated latents. A D that cannot leave 2 ln 2 = 1.386 gives G nothing to learn from.
 
-    .venv/bin/python bench/apt_d_probe.py --shifts 12 1 --steps 40
+    .venv/bin/python experiments/apt_d_probe.py --shifts 12 1 --steps 40
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
 import torch
-
 
 from aptserve.engines.loading import load_components
 from aptserve.training.latents import LatentSet
@@ -32,7 +29,7 @@ def probe(cfg: APTStageConfig, data: LatentSet, steps: int) -> list[dict[str, fl
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="training/configs/apt_tiny.json")
+    parser.add_argument("--config", default="configs/apt_tiny.json")
     parser.add_argument("--shifts", type=float, nargs="+", default=[12.0, 1.0], help="D timestep shifts to try")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--lr-d", type=float, default=None)

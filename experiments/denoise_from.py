@@ -4,25 +4,23 @@ teacher (Euler on the checkpoint's shifted schedule restricted to [0, t0], with 
 scored by the analyzer. t0 = 1 is plain sampling from noise; a low t0 keeps the real clip's layout and asks the
 model only for the details.
 
-    .venv/bin/python bench/denoise_from.py models/shapes-teacher-tiny --t0 0.25 0.5 0.75 1 --clips 64
+    .venv/bin/python experiments/denoise_from.py models/shapes-teacher-tiny --t0 0.25 0.5 0.75 1 --clips 64
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import sys
-from pathlib import Path
 
 import torch
-
 
 from aptserve.engines import sampling
 from aptserve.engines.loading import load_components, load_text_encoder
 from aptserve.engines.pipeline import to_uint8
-from aptserve.training.analyzer import ATTRIBUTES, adherence, analyze
+from aptserve.evaluation.analyzer import ATTRIBUTES, adherence, analyze
+from aptserve.evaluation.generate import eval_specs, rendered_batches
+from aptserve.evaluation.metrics import accuracy
 from aptserve.training.data import to_tensor
-from aptserve.training.eval import accuracy, eval_specs, rendered_batches
 
 
 def schedule_from(t0: float, steps: int, shift: float) -> list[float]:

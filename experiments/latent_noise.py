@@ -2,24 +2,22 @@
 are encoded with the VAE, Gaussian noise of standard deviation sigma (in normalised latent units, where real
 latents have std ~1) is added, and the decoded clips are scored. sigma 0 is the VAE round trip.
 
-    .venv/bin/python bench/latent_noise.py --vae models/shapes-vae-tiny --clips 64 --sigmas 0 0.1 0.2 0.3 0.5
+    .venv/bin/python experiments/latent_noise.py --vae models/shapes-vae-tiny --clips 64 --sigmas 0 0.1 0.2 0.3 0.5
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-
 from aptserve.engines.loading import load_components
 from aptserve.engines.pipeline import to_uint8
-from aptserve.training.analyzer import ATTRIBUTES, adherence, analyze
+from aptserve.evaluation.analyzer import ATTRIBUTES, adherence, analyze
+from aptserve.evaluation.generate import eval_specs, rendered_batches
+from aptserve.evaluation.metrics import accuracy
 from aptserve.training.data import to_tensor
-from aptserve.training.eval import accuracy, eval_specs, rendered_batches
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

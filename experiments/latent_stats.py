@@ -3,18 +3,15 @@ difference between neighbouring latents along time, height and width (summed), a
 smooth a generator's latents are before decoding; and the std of each latent frame, since the causal VAE's first
 latent frames (which see the zero padding before frame 0) are much quieter than the rest.
 
-    .venv/bin/python bench/latent_stats.py models/shapes-cd-tiny models/shapes-apt-tiny
-    .venv/bin/python bench/latent_stats.py models/shapes-teacher-tiny --steps 25   # Euler, the model's CFG and shift
+    .venv/bin/python experiments/latent_stats.py models/shapes-cd-tiny models/shapes-apt-tiny
+    .venv/bin/python experiments/latent_stats.py models/shapes-teacher-tiny --steps 25   # Euler, the model's CFG and shift
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
-
 
 from aptserve.engines import sampling
 from aptserve.engines.loading import load_components

@@ -2,8 +2,8 @@
 from a given step on, each column's range (and, for APT logs, the largest gap between D's mean logits on real
 and fake). The `seconds` column restarts when a run resumes; steps across a restart are left out of the timing.
 
-    .venv/bin/python bench/loss_summary.py runs/teacher-tiny/losses.csv --windows 901-1000 3301-3400
-    .venv/bin/python bench/loss_summary.py runs/apt-tiny/losses.csv --windows 91-190 --from 40
+    .venv/bin/python experiments/loss_summary.py runs/teacher-tiny/losses.csv --windows 901-1000 3301-3400
+    .venv/bin/python experiments/loss_summary.py runs/apt-tiny/losses.csv --windows 91-190 --from 40
 """
 
 from __future__ import annotations

@@ -5,26 +5,23 @@ speed) adds, per value of that caption attribute, the share of clips whose colou
 prompted: which settings of the attributes a short prompt leaves open a model draws best. `vae` is the real clips after
 the VAE round trip (the ceiling any generator behind that VAE has), `real` the rendered clips themselves.
 
-    .venv/bin/python bench/shape_confusion.py --prompts 256 \\
+    .venv/bin/python experiments/shape_confusion.py --prompts 256 \\
         vae=models/shapes-vae-tiny teacher=models/shapes-teacher-tiny:25:3 apt=models/shapes-apt-tiny:1
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 
-
 from aptserve.engines.loading import load_components
 from aptserve.engines.pipeline import to_uint8
-from aptserve.training.analyzer import Reading, adherence, analyze
+from aptserve.evaluation.analyzer import Reading, adherence, analyze
+from aptserve.evaluation.generate import PipelineCache, eval_specs, generation_seeds, rendered_batches
 from aptserve.training.data import SHAPES, ShapeSpec, to_tensor
-from aptserve.training.eval import PipelineCache, eval_specs, generation_seeds, rendered_batches
 
 
 def parse_system(text: str) -> tuple[str, str, int | None, float | None]:

@@ -1,1 +1,1 @@
-"""APT training recipe: data, diffusion pre-training, consistency distillation, adversarial post-training, evaluation."""
+"""APT training recipe: data, diffusion pre-training, consistency distillation, adversarial post-training."""

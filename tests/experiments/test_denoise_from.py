@@ -1,5 +1,7 @@
-"""bench/denoise_from.py: the cut schedule, and a two-clip run on the committed teacher."""
+"""experiments/denoise_from.py: the cut schedule, and a two-clip run on the committed teacher. A research probe's
+tests are slow: they run in `make test-all`, not in the default tier."""
 
+import importlib.util
 import itertools
 import subprocess
 import sys
@@ -7,12 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from aptserve.engines.sampling import timesteps
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
+SCRIPT = ROOT / "experiments" / "denoise_from.py"
+pytestmark = pytest.mark.slow
 
-from denoise_from import schedule_from  # noqa: E402
 
-from aptserve.engines.sampling import timesteps  # noqa: E402
+def schedule_from(*args):
+    spec = importlib.util.spec_from_file_location("denoise_from", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.schedule_from(*args)
 
 
 def test_schedule_from_one_is_the_full_schedule_and_lower_t0_cuts_it():
@@ -25,7 +33,7 @@ def test_schedule_from_one_is_the_full_schedule_and_lower_t0_cuts_it():
 @pytest.mark.skipif(not (ROOT / "models/shapes-teacher-tiny").exists(), reason="needs the committed teacher")
 def test_denoising_barely_noised_real_clips_keeps_their_colour():
     out = subprocess.run(
-        [sys.executable, "bench/denoise_from.py", "models/shapes-teacher-tiny", "--t0", "0.1", "--clips", "2"],
+        [sys.executable, str(SCRIPT), "models/shapes-teacher-tiny", "--t0", "0.1", "--clips", "2"],
         cwd=ROOT,
         capture_output=True,
         text=True,

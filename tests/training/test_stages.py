@@ -109,7 +109,7 @@ def test_stage_config_rejects_unknown_keys(tmp_path):
         load_stage_config(VAEStageConfig, tmp_path / "c.json")
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "training" / "configs").glob("*.json"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -118,7 +118,7 @@ def test_every_committed_config_loads_into_its_stage(path):
     import importlib
 
     from aptserve.cli import TRAIN_STAGES
-    from aptserve.training.eval import EvalConfig
+    from aptserve.evaluation.config import EvalConfig
 
     stage = path.name.split("_")[0]
     assert stage in (*TRAIN_STAGES, "eval"), f"{path.name}: name configs <stage>_<...>.json"

@@ -13,19 +13,13 @@ import zlib
 import numpy as np
 import pytest
 
-from aptserve.training.analyzer import ATTRIBUTES, adherence, analyze, degrade
+from aptserve.evaluation.analyzer import ATTRIBUTES, adherence, analyze, degrade
+from aptserve.evaluation.cache import SystemCache, model_fingerprint
+from aptserve.evaluation.config import EvalConfig, SystemSpec
+from aptserve.evaluation.images import write_png
+from aptserve.evaluation.metrics import frechet_distance, frechet_from_moments, sharpness_ratio
+from aptserve.evaluation.report import run_eval
 from aptserve.training.data import ShapeSpec, all_combinations, caption_grammar, named_attributes, render, spec_for
-from aptserve.training.eval import (
-    EvalConfig,
-    SystemCache,
-    SystemSpec,
-    frechet_distance,
-    frechet_from_moments,
-    model_fingerprint,
-    run_eval,
-    sharpness_ratio,
-    write_png,
-)
 
 FRAMES = 25  # 2 s at 12 fps: half the frames of a real clip keeps the test fast; the analyzer is frame-rate free
 
@@ -170,7 +164,7 @@ def test_run_eval_smoke(tmp_path, monkeypatch):
 def test_system_cache_reuses_results_until_the_checkpoint_changes(tmp_path, monkeypatch):
     from aptserve.engines.config import MODEL_PRESETS
     from aptserve.engines.loading import random_model, save_checkpoint
-    from aptserve.training import eval as evaluation
+    from aptserve.evaluation.generate import PipelineCache
 
     monkeypatch.chdir(tmp_path)
     config = MODEL_PRESETS["tiny"]
@@ -202,10 +196,8 @@ def test_system_cache_reuses_results_until_the_checkpoint_changes(tmp_path, monk
     config_file.write_text(written)
 
     generated = []
-    real_get = evaluation.PipelineCache.get
-    monkeypatch.setattr(
-        evaluation.PipelineCache, "get", lambda self, model: generated.append(model) or real_get(self, model)
-    )
+    real_get = PipelineCache.get
+    monkeypatch.setattr(PipelineCache, "get", lambda self, model: generated.append(model) or real_get(self, model))
     again = json.loads(run_eval(cfg, progress=False).with_suffix(".json").read_text())
     assert generated == [] and again["systems"] == first["systems"]  # everything from the cache
     assert (tmp_path / "docs" / "quality" / "a-1-step.png").is_file()

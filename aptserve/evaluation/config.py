@@ -1,0 +1,98 @@
+"""Evaluation settings: the systems compared (checkpoint, steps, guidance, prompt form) and the run's sizes and paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aptserve.engines.config import parse_size
+from aptserve.training.data import ShapeSpec, caption_of
+
+FPS = 24  # the shapes dataset's frame rate
+DEGRADE = {"blur": 1.0, "noise": 6.0, "soften": 2}  # the degradation the analyzer's robustness is reported on
+PROMPT_FORMS = ("full", "short")
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    model: str  # checkpoint folder or preset; a missing folder skips the system with a note
+    steps: int = 1
+    guidance: float | None = None  # CFG scale for many-step sampling; None = the checkpoint's own default
+    # "full": each held-out spec's caption; "short": only its colour, shape and motion ("a red circle moving
+    # left"), the form users type. Adherence reads the same three attributes either way.
+    prompt: str = "full"
+    # complete each prompt by the checkpoint's caption grammar, as serving does (engines.prompts); off by default,
+    # so a system is measured on the prompts as written
+    complete_prompts: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"system {self.name!r}: steps must be >= 1; got {self.steps}")
+        if self.prompt not in PROMPT_FORMS:
+            raise ValueError(f"system {self.name!r}: prompt must be one of {PROMPT_FORMS}; got {self.prompt!r}")
+
+    def caption(self, spec: ShapeSpec) -> str:
+        return spec.caption if self.prompt == "full" else caption_of(spec.colour, spec.shape, spec.motion)
+
+    @property
+    def cfg_label(self) -> str:
+        """Guidance only applies to many-step sampling (1 and 2 steps run the generator as is)."""
+        if self.steps <= 2:
+            return "—"
+        return "model default" if self.guidance is None else f"{self.guidance:g}"
+
+
+DEFAULT_SYSTEMS = (
+    SystemSpec("teacher 25 steps + CFG", "models/shapes-teacher-tiny", 25),  # the CFG scale distillation bakes in
+    SystemSpec("teacher 1 step", "models/shapes-teacher-tiny", 1),
+    SystemSpec("consistency 1 step", "models/shapes-cd-tiny", 1),
+    SystemSpec("APT 1 step", "models/shapes-apt-tiny", 1),
+    SystemSpec("APT 2 steps", "models/shapes-apt-tiny", 2),
+    SystemSpec("APT without aR1, 1 step", "models/shapes-apt-nor1-tiny", 1),
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    systems: tuple[SystemSpec, ...] = DEFAULT_SYSTEMS  # JSON: a list of {name, model, steps, guidance}
+    prompts: int = 256  # held-out prompts (287 held-out combinations; more prompts reuse them at new positions)
+    seed: int = 0  # picks the prompts, their positions and the generation seeds
+    size: str = "64x64"
+    seconds: float = 2.0
+    batch_size: int = 8
+    classifier: str = "runs/eval-classifier.pt"  # cached; retrained when the fields below change
+    real_clips: int = 2048  # rendered training-split clips the classifier learns from
+    classifier_epochs: int = 8
+    classifier_batch: int = 64
+    out: str = "runs/eval/table.md"  # markdown fragment for docs/QUALITY.md; results JSON beside it
+    sheets: str = "docs/quality"  # contact-sheet PNGs, one per system plus real.png
+    sheet_prompts: int = 4
+    links_relative_to: str = "docs"  # image links in the markdown are relative to where it will be merged
+    device: str = "cpu"
+    cache: str = "runs/eval/systems"  # per-system results, keyed by everything they depend on; "" disables
+
+    def __post_init__(self) -> None:
+        systems = tuple(s if isinstance(s, SystemSpec) else _system_from_dict(s) for s in self.systems)
+        object.__setattr__(self, "systems", systems)
+        parse_size(self.size)
+        numbers = {
+            "prompts": self.prompts,
+            "batch_size": self.batch_size,
+            "real_clips": self.real_clips,
+            "classifier_epochs": self.classifier_epochs,
+            "classifier_batch": self.classifier_batch,
+        }
+        bad = {k: v for k, v in numbers.items() if v < (2 if k == "prompts" else 1)}  # a covariance needs 2
+        if bad or self.sheet_prompts < 0 or self.seconds <= 0:
+            raise ValueError(f"eval config: need positive counts (prompts >= 2) and seconds; got {bad}, {self.seconds}")
+        if len({s.name for s in systems}) != len(systems):
+            raise ValueError(f"eval config: system names must be unique; got {[s.name for s in systems]}")
+
+
+def _system_from_dict(data: dict) -> SystemSpec:
+    try:
+        return SystemSpec(**data)
+    except TypeError as exc:
+        raise ValueError(
+            f"eval config: bad system {data}: {exc}; keys are name, model, steps, guidance, prompt"
+        ) from exc

@@ -1,0 +1,106 @@
+"""The clips every system is scored on: the held-out prompts and generation seeds, their real renders, and each
+system's generations through the serving pipeline."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from aptserve.engines.config import frames_for_seconds, parse_size
+from aptserve.engines.loading import load_model, load_text_encoder
+from aptserve.engines.pipeline import Pipeline
+from aptserve.engines.text import CachedTextEncoder
+from aptserve.evaluation.classifier import ClipClassifier
+from aptserve.evaluation.config import FPS, EvalConfig, SystemSpec
+from aptserve.evaluation.scoring import ClipSet
+from aptserve.training.data import ShapeSpec, held_out_combinations, render, spec_for
+
+
+def eval_specs(count: int, seed: int, redraw: int = 0) -> list[ShapeSpec]:
+    """`count` held-out specs, one combination each (cycling once all are used), at seeded start positions;
+    `redraw` > 0 keeps the combinations but draws new positions (a second real set)."""
+    combinations = held_out_combinations()
+    order = np.random.default_rng(seed).permutation(len(combinations))
+    return [
+        spec_for(combinations[order[i % len(order)]], np.random.default_rng([seed, i, redraw])) for i in range(count)
+    ]
+
+
+def generation_seeds(count: int, seed: int) -> list[int]:
+    return [seed * 1_000_003 + i for i in range(count)]
+
+
+def rendered_batches(
+    specs: list[ShapeSpec], frames: int, height: int, width: int, batch_size: int
+) -> Iterator[tuple[list[ShapeSpec], np.ndarray]]:
+    for start in range(0, len(specs), batch_size):
+        batch = specs[start : start + batch_size]
+        yield batch, np.stack([render(spec, frames, height, width) for spec in batch])
+
+
+class PipelineCache:
+    """The last model's pipeline (systems that share a model run back to back) and one text encoder per config;
+    a model that cannot be loaded gives the reason as a string instead."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.encoders: dict = {}
+        self.name: str | None = None
+        self.pipeline: Pipeline | str | None = None
+
+    def get(self, model: str) -> Pipeline | str:
+        if model != self.name:
+            self.name, self.pipeline = model, None  # drop the previous model before loading the next
+            try:
+                loaded = load_model(model, self.device)
+            except ValueError as exc:  # a checkpoint that does not exist (yet) or cannot be loaded
+                self.pipeline = str(exc)
+            else:
+                text = loaded.config.text
+                if text not in self.encoders:
+                    self.encoders[text] = CachedTextEncoder(load_text_encoder(text, self.device))
+                self.pipeline = Pipeline(loaded, self.encoders[text], self.device)
+        return self.pipeline
+
+
+def generate_set(
+    pipeline: Pipeline,
+    system: SystemSpec,
+    specs: list[ShapeSpec],
+    seeds: list[int],
+    model: ClipClassifier,
+    cfg: EvalConfig,
+    bar,
+) -> ClipSet:
+    """Generate every prompt with one system, in batches, and keep what the metrics need."""
+    clips_set = ClipSet()
+    for start in range(0, len(specs), cfg.batch_size):
+        batch = specs[start : start + cfg.batch_size]
+        request = pipeline.request(
+            [system.caption(s) for s in batch],
+            seeds[start : start + len(batch)],
+            size=cfg.size,
+            seconds=cfg.seconds,
+            steps=system.steps,
+            guidance_scale=system.guidance,
+            complete_prompts=system.complete_prompts,
+        )
+        began = time.perf_counter()
+        clips, _ = pipeline.generate_video(request)
+        clips_set.seconds += time.perf_counter() - began
+        clips_set.add(clips, batch, model, cfg)
+        bar.update(len(batch))
+    return clips_set
+
+
+def real_set(specs: list[ShapeSpec], model: ClipClassifier, cfg: EvalConfig, degraded: bool, bar) -> ClipSet:
+    width, height = parse_size(cfg.size)
+    clips_set = ClipSet()
+    for batch, clips in rendered_batches(specs, frames_for_seconds(cfg.seconds, FPS), height, width, cfg.batch_size):
+        clips_set.add(clips, batch, model, cfg)
+        if degraded:
+            clips_set.add_degraded(clips, batch, cfg.seed)
+        bar.update(len(batch))
+    return clips_set

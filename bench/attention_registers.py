@@ -12,7 +12,6 @@ Unit strides are specialised as Triton does at launch (stride 1 for D; for FP8 V
 import os
 import pathlib
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 

@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from harness import machine_line, markdown_table, medians
 
 from aptserve.engines.pipeline import Pipeline
 from aptserve.media.encoder import FragmentedMP4Encoder
@@ -58,24 +56,25 @@ def main() -> None:
     pipeline = Pipeline.from_name(args.model)
     run_once(pipeline, args)  # warm-up: allocator, ffmpeg start, first-call paths
     runs = [run_once(pipeline, args) for _ in range(args.repeats)]
-    medians = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    med = medians(runs)
 
     request = pipeline.request(args.prompt, args.seed, args.size, args.seconds, args.steps)
     clip = (request.frames - 1) / pipeline.config.fps
+    print(machine_line(args.threads))
     print(
         f"model {args.model}, {request.width}x{request.height}, {request.frames} frames ({clip:.2f} s of video), "
-        f"{args.steps} step(s), {args.threads} threads, {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, median of {args.repeats}"
+        f"{args.steps} step(s), median of {args.repeats}"
     )
     print()
-    print("| stage | median s | share |")
-    print("|---|---:|---:|")
-    for stage in ("text_encode", "dit", "vae_decode", "encode", "total"):
-        print(f"| {stage} | {medians[stage]:.3f} | {medians[stage] / medians['total']:.0%} |")
-    print(f"| realtime factor (video s / wall s) | {clip / medians['total']:.2f} | |")
-    print(f"| MP4 bytes | {int(medians['bytes'])} | |")
+    stages = ("text_encode", "dit", "vae_decode", "encode", "total")
+    rows = [(stage, f"{med[stage]:.3f}", f"{med[stage] / med['total']:.0%}") for stage in stages]
+    rows += [
+        ("realtime factor (video s / wall s)", f"{clip / med['total']:.2f}", ""),
+        ("MP4 bytes", int(med["bytes"]), ""),
+    ]
+    print(markdown_table(("stage", "median s", "share"), rows))
     if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "medians": medians}, indent=2))
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "medians": med}, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,8 @@ fp32, and compare with fp32 attention. No kernel that stores Q/K/V in e4m3 can b
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
-
 
 from aptserve.kernels.fp8 import dequantize, quantize_fp8_blockwise
 

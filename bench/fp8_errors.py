@@ -8,14 +8,11 @@ in FP8 against the same DiT in bf16. The bounds the tests assert are in docs/PER
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run the kernel on the CPU
 
 import torch
 from torch import nn
-
 
 from aptserve import kernels
 from aptserve.engines.config import DIT_PRESETS

@@ -1,7 +1,7 @@
 """One-shot GPU check: bf16 matmul peak, attention, apt-8b one step, Wan-sized VAE decode, end to end, peak memory.
 
-    python bench/gpu_check.py [--json results.json] [--budget-s 420] [--only dit,vae]   # one H100, < 8 minutes
-    python bench/gpu_check.py --tiny [--threads 1] [--json results.json]               # CPU, tiny shapes, CI
+    PYTHONPATH=. python bench/gpu_check.py [--json results.json] [--budget-s 420] [--only dit,vae]  # one H100
+    .venv/bin/python bench/gpu_check.py --tiny [--threads 1] [--json results.json]       # CPU, tiny shapes, CI
 
 Prints machine info and one markdown table (ready for docs/PERF.md); `--json` gets the same rows, rewritten after
 every row so a run cut short still leaves its results. Every row is guarded: a failure prints its error in the table
@@ -12,8 +12,9 @@ text tokens: the server caches prompt encodings). `--tiny` runs the same code on
 warm-up fewer: tiny DiT at 64x64x49, the tiny VAE in the "wan" rows and a half-width decoder in the "wan-light"
 rows, small matmul and attention; Triton rows are skipped (they need CUDA), FP8 linears use their CPU emulation, and
 compiled rows use torch.compile's "aot_eager" backend unless `--compiler inductor` (inductor's C++ build takes
-minutes on a 2-core CI machine; tests/engines/test_backends.py checks inductor). Imports only torch and this
-repository's `engines` and `kernels`: the GPU machine has no FastAPI or other server dependencies.
+minutes on a 2-core CI machine; tests/engines/test_backends.py checks inductor). Imports only torch and
+`aptserve.engines` and `aptserve.kernels`: the GPU machine has no FastAPI or other server dependencies, and runs the
+checkout without installing it (hence PYTHONPATH=. there; a venv from the lock has the package installed).
 VAE rows decode latent frame by latent frame, as the server streams; a whole-clip decode at 1280x720x49 needs single
 16 GiB activations and ran out of memory beside the earlier rows on an 80 GB H100 (docs/PERF.md).
 """
@@ -36,7 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 
 import torch
 

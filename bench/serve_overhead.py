@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,17 +18,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx
 import torch
+from harness import free_port
 
 from aptserve.engines.pipeline import Pipeline
 from aptserve.media.encoder import FragmentedMP4Encoder
 
 PROMPT = "a red circle moving left"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: argparse.Namespace, data_dir: Path) -> tuple[subprocess.Popen, str]:

@@ -11,14 +11,11 @@ relative error of the bfloat16 loss and velocity against float32 on the same bat
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
+from harness import machine_line
 
 from aptserve.engines.dit import DIT_PRESETS, MMDiT
 from aptserve.engines.sampling import add_noise
@@ -73,7 +70,7 @@ def main() -> int:
         error = ((mixed - reference).norm() / reference.norm()).item()
 
     median = {mode: statistics.median(values) for mode, values in times.items()}
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+    print(machine_line(args.threads))
     print(f"DiT {args.dit}, batch {args.batch}, {args.steps} interleaved steps per mode")
     print("| compute dtype | median s/step | min | max |")
     print("|---|---:|---:|---:|")

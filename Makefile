@@ -1,34 +1,58 @@
-# `make test` and `make serve` bootstrap .venv on first use and re-run pip only when pyproject.toml changes.
+# `make test` and `make serve` bootstrap .venv from the lock on first use, and again whenever the lock changes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# CPU machines get the local CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
-TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+# The CPU development lock pins the local CPU wheel of torch (a bare `torch` would pull a multi-GB CUDA build);
+# machines with a GPU take the CUDA runtime lock that the Docker image uses, plus the dev tools.
+CPU_LOCK := requirements/dev-cpu.lock
+CUDA_LOCK := requirements/serve-cuda.lock
+# Runtime only, CPU torch: what the wheel test installs, and what a CPU build of the image would.
+SERVE_CPU_LOCK := requirements/serve-cpu.lock
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+LOCK := $(if $(HAS_CUDA),$(CUDA_LOCK),$(CPU_LOCK))
+# The CPU lock holds the dev tools too; on CUDA machines they are resolved against the locked runtime.
+PROJECT := $(if $(HAS_CUDA),-e ".[dev]",--no-deps -e .)
+COMPILE := .venv-lock/bin/uv pip compile --quiet --generate-hashes pyproject.toml
 
-.PHONY: venv browser test test-all serve lint format bench clean
+.PHONY: venv tools test test-all test-latest serve lint format lock bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet $(PROJECT)
 	touch $@
 
-# The demo-page test drives Debian's chromium (never a downloaded browser); install it where we can.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# Debian tools the default tier drives: chromium (demo-page browser test) and promtool (Prometheus config and
+# rules), never downloaded browsers or binaries. Installed where we can (root with apt-get).
+tools:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-		else echo "chromium not installed and cannot install it here: the browser test will be skipped"; fi; }
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else echo "cannot install$$missing here (needs root and apt-get): tests that drive them will fail"; fi; \
+	fi
 
-test: $(STAMP) browser
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP) browser
+test-all: $(STAMP) tools
 	$(BIN)/python -m pytest -q -m "not gpu"
+
+# Upstream breakage on purpose: a throwaway venv from the unlocked ranges of pyproject.toml, then the default tier.
+test-latest: tools
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install --quiet --upgrade pip
+	.venv-latest/bin/pip install --quiet "torch==2.13.0"
+	.venv-latest/bin/pip install --quiet -e ".[dev]"
+	.venv-latest/bin/pip list --format=freeze > .venv-latest/versions.txt
+	.venv-latest/bin/python -m pytest -q
 
 serve: $(STAMP)
 	$(BIN)/aptserve serve
@@ -36,6 +60,17 @@ serve: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+# Regenerate the locks from pyproject.toml (needs PyPI; the CPU lock also needs the local torch CPU wheel).
+lock:
+	test -x .venv-lock/bin/uv || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet uv; }
+	$(COMPILE) requirements/torch-cpu.in --extra dev --python-version 3.11 --find-links /opt/wheels \
+		--no-emit-find-links -o $(CPU_LOCK)
+	$(COMPILE) requirements/torch-cpu.in --python-version 3.11 --find-links /opt/wheels \
+		--no-emit-find-links -o $(SERVE_CPU_LOCK)
+	$(COMPILE) requirements/torch-cuda.in --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
+		-o $(CUDA_LOCK)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
@@ -45,4 +80,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/cpu_e2e.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-lock build dist *.egg-info

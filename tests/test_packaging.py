@@ -1,33 +1,74 @@
-"""The generic package names must resolve to this repository, never to a PyPI package of the same name."""
+"""One import package: `aptserve` is the only top-level name we install, PyPI packages with generic names (Hugging
+Face's `kernels`) resolve to site-packages, and the layering between subpackages is a checked contract."""
 
-import importlib
+import importlib.metadata
+import importlib.util
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 
 
-@pytest.mark.parametrize("name", ["kernels", "engines", "server", "training"])
-def test_packages_resolve_inside_repository(name):
-    module = importlib.import_module(name)
-    assert Path(module.__file__).resolve().is_relative_to(ROOT), module.__file__
+def test_aptserve_is_the_only_top_level_package():
+    dist = importlib.metadata.distribution("aptserve")
+    assert dist.read_text("top_level.txt").split() == ["aptserve"]
+    packages = sorted(p.parent.name for p in ROOT.glob("*/__init__.py"))
+    assert packages == ["aptserve"], f"top-level import packages in the checkout: {packages}"
+
+
+@pytest.mark.parametrize("name", ["engines", "server", "training", "evaluation", "media"])
+def test_generic_names_are_not_ours(name):
+    spec = importlib.util.find_spec(name)
+    assert spec is None or not Path(spec.origin or "").resolve().is_relative_to(ROOT), spec
+
+
+def test_hugging_face_kernels_resolves_to_site_packages():
+    """transformers >= 5.25 imports Hugging Face's `kernels`; nothing of ours may shadow it."""
+    import kernels
+    import transformers.integrations.hub_kernels  # noqa: F401
+
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    assert Path(kernels.__file__).resolve().is_relative_to(site), kernels.__file__
+
+
+def test_no_sys_path_patches():
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    patched = [
+        name
+        for name in tracked.stdout.split()
+        if any(f"sys.path.{verb}(" in (ROOT / name).read_text() for verb in ("insert", "append"))
+    ]
+    assert patched == [], patched
 
 
 def test_engines_and_kernels_import_without_the_server_stack():
     code = (
-        "import sys, engines.pipeline, engines.flops, kernels; "
-        "bad = [m for m in ('fastapi', 'uvicorn', 'server', 'prometheus_client') if m in sys.modules]; "
+        "import sys, aptserve.engines.pipeline, aptserve.engines.flops, aptserve.kernels; "
+        "bad = [m for m in ('fastapi', 'uvicorn', 'aptserve.server', 'prometheus_client', 'aptserve.training') "
+        "if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_console_script_installed():
-    exe = shutil.which("aptserve", path=str(Path(sys.executable).parent))
+def test_layering_contract_holds():
+    """cli -> server | training (evaluation above training) -> engines | media -> kernels; nothing imports upward."""
+    exe = shutil.which("lint-imports", path=str(BIN))
+    assert exe, "import-linter is not installed in this environment"
+    result = subprocess.run([exe, "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout, result.stdout
+
+
+def test_console_script_and_module_entry_point():
+    exe = shutil.which("aptserve", path=str(BIN))
     assert exe, "the aptserve console script is not installed in this environment"
-    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
-    assert "generate" in out
+    for cmd in ([exe, "--help"], [sys.executable, "-m", "aptserve", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        assert all(name in out for name in ("serve", "generate", "train", "eval", "analyze")), out

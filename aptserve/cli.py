@@ -140,17 +140,11 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_STAGES = {
-    "vae": ("aptserve.training.stage_vae", "VAEStageConfig", "train_vae"),
-    "diffusion": ("aptserve.training.stage_diffusion", "DiffusionStageConfig", "train_diffusion"),
-    "distill": ("aptserve.training.stage_distill", "DistillStageConfig", "train_distill"),
-    "apt": ("aptserve.training.stage_apt", "APTStageConfig", "train_apt"),
-}
-
-
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    from aptserve.training import STAGES
+
     p = subparsers.add_parser("train", help="run one stage of the APT recipe (resumes from its run folder)")
-    p.add_argument("stage", choices=sorted(TRAIN_STAGES))
+    p.add_argument("stage", choices=sorted(STAGES))
     p.add_argument("--config", type=Path, default=None, help="JSON stage config (see configs/)")
     p.add_argument("--steps", type=int, default=None, help="override the config's step count")
     p.add_argument("--out", default=None, help="run folder (state.pt, losses.csv); rerunning resumes")
@@ -161,19 +155,17 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import importlib
-
     import torch
 
+    from aptserve.training import stage
     from aptserve.training.common import load_stage_config
 
-    module_name, config_name, entry = TRAIN_STAGES[args.stage]
-    module = importlib.import_module(module_name)
+    config_cls, train = stage(args.stage)
     overrides = {"steps": args.steps, "out": args.out, "export": args.export}
-    cfg = load_stage_config(getattr(module, config_name), args.config, overrides)
+    cfg = load_stage_config(config_cls, args.config, overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = getattr(module, entry)(cfg, progress=not args.no_progress)
+    result = train(cfg, progress=not args.no_progress)
     log.info("%s stage: %s", args.stage, result)
     return 0
 

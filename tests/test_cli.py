@@ -1,5 +1,6 @@
 """`aptserve generate` as a user runs it: a subprocess writing a real MP4 that decodes back correctly."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -98,3 +99,27 @@ def test_the_default_model_draws_the_default_prompt(tmp_path):
     line = json.loads(result.stdout)
     assert (line["colour"], line["shape"], line["motion"]) == ("red", "circle", "left"), line
     assert result.returncode == 0
+
+
+def test_serve_subcommand_exposes_every_setting_as_a_flag():
+    from aptserve.cli import build_parser
+    from aptserve.server.settings import settings_from_args
+
+    args = build_parser().parse_args(["serve", "--max-batch-size", "8", "--model", "tiny"])
+    assert settings_from_args(args).max_batch_size == 8
+
+
+def test_missing_default_model_is_a_loud_error(tmp_path):
+    """With no models directory holding the default, the CLI says how to get one; it never falls back to random
+    weights."""
+    env = {**os.environ, "APTSERVE_MODELS_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [EXE, "generate", "x", "-o", str(tmp_path / "x.mp4")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert "shapes-apt-tiny" in result.stderr and "APTSERVE_MODELS_DIR" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.mp4").exists()
+    served = subprocess.run(
+        [EXE, "serve", "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert served.returncode == 2 and "APTSERVE_MODELS_DIR" in served.stderr, served.stderr

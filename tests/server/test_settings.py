@@ -3,7 +3,6 @@ import argparse
 import pytest
 from pydantic import ValidationError
 
-from aptserve.cli import build_parser
 from aptserve.server.settings import Settings, add_settings_arguments, settings_from_args
 
 
@@ -26,11 +25,6 @@ def test_bad_settings_are_rejected():
         Settings(max_queue=0)
     with pytest.raises(ValidationError):
         Settings(no_such_setting=1)
-
-
-def test_serve_subcommand_exposes_the_flags():
-    args = build_parser().parse_args(["serve", "--max-batch-size", "8", "--model", "tiny"])
-    assert settings_from_args(args).max_batch_size == 8
 
 
 def test_prompt_completion_setting_reaches_the_worker(tmp_path):

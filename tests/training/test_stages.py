@@ -115,19 +115,16 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.json"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_committed_config_loads_into_its_stage(path):
     """A typo in a config fails here, not after a long-running stage has encoded its latents."""
-    import importlib
-
-    from aptserve.cli import TRAIN_STAGES
     from aptserve.evaluation.config import EvalConfig
+    from aptserve.training import STAGES, stage
 
-    stage = path.name.split("_")[0]
-    assert stage in (*TRAIN_STAGES, "eval"), f"{path.name}: name configs <stage>_<...>.json"
-    if stage == "eval":
+    name = path.name.split("_")[0]
+    assert name in (*STAGES, "eval"), f"{path.name}: name configs <stage>_<...>.json"
+    if name == "eval":
         cfg = load_stage_config(EvalConfig, path)
         assert cfg.systems
         return
-    module_name, config_name, _ = TRAIN_STAGES[stage]
-    cfg = load_stage_config(getattr(importlib.import_module(module_name), config_name), path)
+    cfg = load_stage_config(stage(name)[0], path)
     if hasattr(cfg, "compute_dtype"):
         compute_dtype(cfg.compute_dtype)
     if hasattr(cfg, "export_dtype"):

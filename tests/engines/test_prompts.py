@@ -94,7 +94,8 @@ def test_the_pipeline_encodes_the_completed_prompt(tiny_pipeline):
     assert pipeline.complete_prompts(request).prompts == [full]
     as_written = pipeline.request([short], seeds=[4], seconds=0.5, complete_prompts=False)
     assert pipeline.complete_prompts(as_written).prompts == [short]
-    assert tiny_pipeline.complete_prompts(request).prompts == [short]  # a model without a grammar encodes prompts as written
+    # a model without a grammar encodes prompts as written
+    assert tiny_pipeline.complete_prompts(request).prompts == [short]
     completed, _ = pipeline.generate_video(request)
     written_full, _ = tiny_pipeline.generate_video(tiny_pipeline.request([full], seeds=[4], seconds=0.5))
     written_short, _ = tiny_pipeline.generate_video(as_written)

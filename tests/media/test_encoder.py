@@ -227,6 +227,8 @@ def test_empty_write_and_forgotten_encoder():
 
 
 def test_import_stays_off_the_web_stack():
-    code = "import sys, aptserve.media.encoder; print(sorted({'fastapi', 'torch', 'av', 'pydantic'} & set(sys.modules)))"
+    code = (
+        "import sys, aptserve.media.encoder; print(sorted({'fastapi', 'torch', 'av', 'pydantic'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

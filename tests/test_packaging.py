@@ -2,7 +2,7 @@
 Face's `kernels`) resolve to site-packages, and the layering between subpackages is a checked contract."""
 
 import importlib.metadata
-import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -22,10 +22,22 @@ def test_aptserve_is_the_only_top_level_package():
     assert packages == ["aptserve"], f"top-level import packages in the checkout: {packages}"
 
 
-@pytest.mark.parametrize("name", ["engines", "server", "training", "evaluation", "media"])
-def test_generic_names_are_not_ours(name):
-    spec = importlib.util.find_spec(name)
-    assert spec is None or not Path(spec.origin or "").resolve().is_relative_to(ROOT), spec
+GENERIC_NAMES = ("engines", "server", "training", "evaluation", "media", "kernels")
+
+
+@pytest.mark.parametrize("where", ["repository root", "elsewhere"])
+def test_generic_names_never_resolve_to_our_code(where, tmp_path):
+    """As a user's `python` sees them (its working directory first on the path), from the checkout and outside."""
+    code = (
+        "import importlib.util, json; "
+        f"print(json.dumps({{n: getattr(importlib.util.find_spec(n), 'origin', None) for n in {GENERIC_NAMES!r}}}))"
+    )
+    cwd = ROOT if where == "repository root" else tmp_path
+    found = json.loads(subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, check=True).stdout)
+    site = Path(sysconfig.get_paths()["purelib"]).resolve()
+    ours = {n: o for n, o in found.items() if o and Path(o).is_relative_to(ROOT) and not Path(o).is_relative_to(site)}
+    assert ours == {}, ours
+    assert found["kernels"], "Hugging Face's kernels (a transformers dependency) is not installed"
 
 
 def test_hugging_face_kernels_resolves_to_site_packages():

@@ -69,8 +69,10 @@ lock:
 		--no-emit-find-links -o $(CPU_LOCK)
 	$(COMPILE) requirements/torch-cpu.in --python-version 3.11 --find-links /opt/wheels \
 		--no-emit-find-links -o $(SERVE_CPU_LOCK)
+	# The image runs the versions the CPU tiers test: its lock is resolved within the CPU serve lock's pins.
+	grep -E '^[A-Za-z0-9][A-Za-z0-9._-]*==' $(SERVE_CPU_LOCK) | sed 's/ .*//' | grep -v '^torch==' > .venv-lock/pins.txt
 	$(COMPILE) requirements/torch-cuda.in --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
-		-o $(CUDA_LOCK)
+		-c .venv-lock/pins.txt -o $(CUDA_LOCK)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

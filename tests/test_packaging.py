@@ -84,3 +84,40 @@ def test_console_script_and_module_entry_point():
     for cmd in ([exe, "--help"], [sys.executable, "-m", "aptserve", "--help"]):
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         assert all(name in out for name in ("serve", "generate", "train", "eval", "analyze")), out
+
+
+# Accelerator libraries imported only behind a capability check: torch's CUDA build brings triton, TensorRT is
+# installed by hand where it exists (aptserve.engines.backends.tensorrt).
+OPTIONAL_IMPORTS = {"triton", "tensorrt"}
+
+
+def third_party_imports(folder: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {name for name in names if name not in sys.stdlib_module_names and name not in ("aptserve", "__future__")}
+
+
+@pytest.mark.parametrize(("folder", "extra"), [("aptserve", None), ("tests", "dev"), ("bench", "dev")])
+def test_every_third_party_import_is_a_declared_dependency(folder, extra):
+    from packaging.requirements import Requirement
+
+    declared = set()
+    for line in importlib.metadata.distribution("aptserve").requires:
+        req = Requirement(line)
+        if req.marker is None or (extra and req.marker.evaluate({"extra": extra})):
+            declared.add(req.name.lower().replace("_", "-"))
+    providers = importlib.metadata.packages_distributions()
+    local = {p.stem for p in (ROOT / folder).glob("*.py")} | {"tests", "harness"}
+    missing = {}
+    for name in sorted(third_party_imports(ROOT / folder) - OPTIONAL_IMPORTS - local):
+        dists = {d.lower().replace("_", "-") for d in providers.get(name, [name])}
+        if not dists & declared:
+            missing[name] = sorted(dists)
+    assert missing == {}, f"imported but not declared in pyproject.toml: {missing}"

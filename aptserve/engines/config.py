@@ -42,6 +42,9 @@ class ModelConfig:
     # The caption grammar the model was trained on (engines.prompts.CaptionGrammar.to_dict()), if any: prompts it
     # covers are completed into that form before text encoding. None: prompts are encoded as written.
     prompt_grammar: dict[str, Any] | None = None
+    # A distilled light decoder for this model's latents (a checkpoint folder holding a VAE, or the name of one in
+    # the models directory), served with decoder="light". None: none shipped. Older config.json files lack the key.
+    light_decoder: str | None = None
 
     def __post_init__(self) -> None:
         if self.dit.in_channels != self.vae.latent_channels:
@@ -56,6 +59,10 @@ class ModelConfig:
                 CaptionGrammar.from_dict(self.prompt_grammar)
             except (KeyError, TypeError, AttributeError, ValueError) as exc:
                 raise ValueError(f"bad prompt_grammar: {exc!r}") from exc
+        if self.light_decoder is not None and (not isinstance(self.light_decoder, str) or not self.light_decoder):
+            raise ValueError(
+                f"light_decoder must be a checkpoint folder or model name, or null; got {self.light_decoder!r}"
+            )
         if self.fps < 1 or self.default_steps < 1 or self.sample_shift <= 0:
             raise ValueError(
                 f"fps, default_steps and sample_shift must be positive; got {self.fps}, {self.default_steps}, {self.sample_shift}"

@@ -181,6 +181,45 @@ def load_checkpoint(
     return LoadedModel(config, modules["dit"], modules["vae"], str(Path(path)))
 
 
+def resolve_light_decoder(spec: str, model_folder: str | os.PathLike | None = None) -> Path:
+    """The folder a model's `light_decoder` names: a checkpoint folder as written, a folder beside the model's own
+    (a model and its light decoder travel together), or a folder under the models directory; the first that exists."""
+    candidates = [Path(spec)]
+    if model_folder is not None:
+        candidates.append(Path(model_folder).parent / spec)
+    if (folder := models_dir()) is not None:
+        candidates.append(folder / spec)
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise CheckpointError(f"light decoder {spec!r} not found (looked in {', '.join(map(str, candidates))})")
+
+
+def load_light_decoder(
+    config: ModelConfig,
+    model_folder: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> CausalVAE:
+    """The distilled light decoder `config.light_decoder` names, as a CausalVAE (the model's encoder and latent
+    normalisation, a cheaper decoder); ValueError when the model has none or it decodes other latents."""
+    if config.light_decoder is None:
+        raise ValueError(f"model {config.name!r} has no light decoder (its config.json names no light_decoder)")
+    folder = resolve_light_decoder(config.light_decoder, model_folder)
+    _, modules = load_components(folder, ("vae",), device, dtype)
+    light = modules["vae"]
+    assert isinstance(light, CausalVAE)
+    if (
+        light.config.latent_channels != config.vae.latent_channels
+        or light.config.normalisation != config.vae.normalisation
+    ):
+        raise CheckpointError(
+            f"light decoder {folder} decodes other latents than model {config.name!r} "
+            "(its latent channels or normalisation differ): distil it from this model's VAE"
+        )
+    return light
+
+
 DEFAULT_MODEL = "shapes-apt-tiny"  # the APT generator trained by aptserve.training, shipped under models/
 
 

@@ -11,17 +11,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from aptserve.engines import sampling
 from aptserve.engines.config import ModelConfig, frames_for_seconds, parse_size
-from aptserve.engines.loading import LoadedModel, load_model, load_text_encoder
+from aptserve.engines.loading import LoadedModel, load_light_decoder, load_model, load_text_encoder
 from aptserve.engines.prompts import CaptionGrammar
 from aptserve.engines.text import CachedTextEncoder, TextEncoder
 
 STAGES = ("text_encode", "dit", "vae_decode")
+DECODERS = ("full", "light")  # the VAE's own decoder, or the model's distilled light one (ModelConfig.light_decoder)
 
 
 class Cancelled(Exception):
@@ -99,10 +101,21 @@ class Pipeline:
 
     @classmethod
     def from_name(
-        cls, spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, cache_size: int = 1024
+        cls,
+        spec: str,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_size: int = 1024,
+        decoder: str = "full",
     ) -> Pipeline:
-        """A checkpoint folder, a folder under models/, or a preset (random weights), with its text encoder."""
+        """A checkpoint folder, a folder under models/, or a preset (random weights), with its text encoder.
+        `decoder` "light" decodes with the model's distilled light decoder instead of its VAE's own."""
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
         model = load_model(spec, device, dtype)
+        if decoder == "light":
+            folder = model.source if Path(model.source).is_dir() else None
+            model = dataclasses.replace(model, vae=load_light_decoder(model.config, folder, device, dtype))
         text_encoder = CachedTextEncoder(load_text_encoder(model.config.text, device), cache_size)
         return cls(model, text_encoder, device, dtype)
 

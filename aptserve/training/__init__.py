@@ -1,4 +1,5 @@
-"""APT training recipe: data, diffusion pre-training, consistency distillation, adversarial post-training."""
+"""APT training recipe: data, diffusion pre-training, consistency distillation, adversarial post-training, and the
+light decoder distilled from the VAE's."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ STAGES = {
     "diffusion": ("aptserve.training.stage_diffusion", "DiffusionStageConfig", "train_diffusion"),
     "distill": ("aptserve.training.stage_distill", "DistillStageConfig", "train_distill"),
     "apt": ("aptserve.training.stage_apt", "APTStageConfig", "train_apt"),
+    "decoder": ("aptserve.training.stage_decoder", "DecoderStageConfig", "train_decoder"),
 }
 
 

@@ -9,7 +9,7 @@ it is changed in place and returned. Backends: `eager` (as built), `compiled` (t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from torch import nn
@@ -45,6 +45,7 @@ def prepare(
     attention: str | None = None,
     fp8: bool = False,
     channels_last: bool = False,
+    fp8_keep_blocks: Sequence[int] = (),
     **backend_options: Any,
 ) -> T:
     """Make `target` run on `backend` with the given options (see `eager.apply_options`); returns `target`.
@@ -56,7 +57,13 @@ def prepare(
     if backend != "compiled" and backend_options:
         raise ValueError(f"options {sorted(backend_options)} apply to the compiled backend only, not {backend!r}")
     for module in modules_of(target):
-        _PREPARE[backend](module, attention=attention, fp8=fp8, channels_last=channels_last, **backend_options)
+        options = {
+            "attention": attention,
+            "fp8": fp8,
+            "channels_last": channels_last,
+            "fp8_keep_blocks": fp8_keep_blocks,
+        }
+        _PREPARE[backend](module, **options, **backend_options)
     return target
 
 

@@ -33,6 +33,7 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--decoder", choices=("full", "light"), default="full", help="the model's distilled light decoder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_generate)
 
@@ -47,7 +48,7 @@ def run_generate(args: argparse.Namespace) -> int:
     args.model = args.model or default_model()
     device, dtype = resolve_device(args.device, args.dtype)
     with tqdm(total=None, desc=f"loading {args.model}", disable=args.no_progress, unit="chunk") as bar:
-        pipeline = Pipeline.from_name(args.model, device, dtype)
+        pipeline = Pipeline.from_name(args.model, device, dtype, decoder=args.decoder)
         request = pipeline.request(
             args.prompt, args.seed, args.size, args.seconds, args.steps,
             guidance_scale=args.guidance, complete_prompts=args.complete_prompt,

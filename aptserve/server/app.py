@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
-from aptserve.engines.config import MODEL_PRESETS, ModelConfig
+from aptserve.engines.config import MODEL_PRESETS, ModelConfig, parse_size
 from aptserve.engines.loading import read_config, resolve_model
 from aptserve.server.context import Services
 from aptserve.server.errors import install_error_handlers
@@ -23,7 +23,7 @@ from aptserve.server.routes import streaming, system, videos
 from aptserve.server.scheduler import Scheduler
 from aptserve.server.settings import Settings
 from aptserve.server.store import JobStore
-from aptserve.server.worker import EngineWorker
+from aptserve.server.worker import EngineWorker, WarmupShape
 
 log = logging.getLogger("aptserve")
 
@@ -61,23 +61,59 @@ def device_memory_reader(device: str):
 
 
 def build_services(settings: Settings) -> Services:
-    from aptserve.engines.pipeline import Pipeline, resolve_device
+    """Wire the parts together; a setting that cannot work here raises ValueError before any weights load."""
+    from aptserve.engines.pipeline import resolve_device
 
     name, config = model_name_and_config(settings.model)
     device, dtype = resolve_device(settings.device, settings.dtype)
+    options = settings.run_options()
+    options.check(device, config.dit.depth)
+    if options.decoder == "light" and config.light_decoder is None:
+        raise ValueError(f"decoder=light: model {name} ships no light decoder (its config names none)")
     metrics = Metrics()
-    metrics.set_build(package_version(), name, "eager", device)
+    metrics.set_build(package_version(), name, device, options.describe())
     metrics.track_device_memory(device_memory_reader(device))
     scheduler = Scheduler(settings.max_queue, settings.max_batch_size, settings.batch_wait_ms / 1000)
     worker = EngineWorker(
-        lambda: Pipeline.from_name(settings.model, device, dtype, settings.text_cache_size),
+        lambda: load_pipeline(settings, device, dtype),
         scheduler,
-        settings.warmup,
+        warmup_plan(settings, config),
         settings.prompt_completion,
     )
     store = JobStore(settings.data_dir, ttl_seconds=settings.job_ttl_s)
     generation = Generation(settings, metrics, scheduler, worker, name, config)
-    return Services(settings, metrics, worker, store, generation, JobManager(generation, store))
+    return Services(settings, metrics, worker, store, generation, JobManager(generation, store), options, device)
+
+
+def load_pipeline(settings: Settings, device: str, dtype):
+    """The served pipeline: weights loaded, then the run options applied through one `prepare` call."""
+    from aptserve.engines.pipeline import Pipeline
+
+    options = settings.run_options()
+    pipeline = Pipeline.from_name(settings.model, device, dtype, settings.text_cache_size, decoder=options.decoder)
+    log.info("running %s", ", ".join(f"{k}={v}" for k, v in options.describe().items()))
+    return options.apply(pipeline)
+
+
+def warmup_plan(settings: Settings, config: ModelConfig) -> list[WarmupShape]:
+    """What runs before ready. Eager: one short clip (first-call paths, allocator). Compiled: every configured shape
+    bucket at every batch size the scheduler can form, since each is its own graph (dynamic=False)."""
+    if not settings.warmup:
+        return []
+    if settings.backend != "compiled" and not settings.warmup_shapes:
+        return [WarmupShape(config.default_size, 0.5)]
+    shapes = settings.warmup_shapes or [f"{config.default_size}:{settings.default_seconds:g}"]
+    batches = range(1, settings.max_batch_size + 1) if settings.backend == "compiled" else [1]
+    return [WarmupShape(*parse_warmup_shape(shape), batch) for shape in shapes for batch in batches]
+
+
+def parse_warmup_shape(text: str) -> tuple[str, float]:
+    size, _, seconds = text.partition(":")
+    try:
+        parse_size(size)
+        return size, float(seconds)
+    except ValueError as exc:
+        raise ValueError(f"warmup_shapes entries are WIDTHxHEIGHT:SECONDS (e.g. 64x64:2); got {text!r}") from exc
 
 
 @asynccontextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from aptserve.engines.backends.options import RunOptions
 from aptserve.server.generation import Generation
 from aptserve.server.jobs import JobManager
 from aptserve.server.metrics import Metrics
@@ -21,6 +22,8 @@ class Services:
     store: JobStore
     generation: Generation
     jobs: JobManager
+    run_options: RunOptions
+    device: str
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

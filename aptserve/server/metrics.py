@@ -15,6 +15,11 @@ PREFIX = "aptserve"
 STAGES = ("text_encode", "dit", "vae_decode", "encode")
 CANCEL_REASONS = ("client_disconnected", "client_cancel", "deleted", "deadline", "shutdown")
 ERROR_KINDS = ("validation", "auth", "not_found", "queue_full", "engine", "encoder", "internal")
+# build_info: what is installed and how the model really runs (the fields of engines.backends.options.RunOptions).
+BUILD_LABELS = (
+    "version", "model", "device", "backend", "compiler", "attention", "fp8_linears", "bf16_blocks", "fp8_emulation",
+    "cuda_graphs", "channels_last", "decoder",
+)  # fmt: skip
 LATENCY_BUCKETS = (
     0.005,
     0.01,
@@ -78,9 +83,7 @@ class Metrics:
         self.cancelled = Counter(f"{p}_cancelled", "generations stopped before the end", ("reason",), registry=r)
         self.errors = Counter(f"{p}_errors", "errors by kind", ("kind",), registry=r)
         self.device_memory = Gauge(f"{p}_device_memory_bytes", "memory held by the model's device", registry=r)
-        self.build_info = Gauge(
-            f"{p}_build_info", "build and model", ("version", "model", "backend", "device"), registry=r
-        )
+        self.build_info = Gauge(f"{p}_build_info", "build, model and how it runs", BUILD_LABELS, registry=r)
         for stage in STAGES:
             self.stage_duration.labels(stage)
         for reason in CANCEL_REASONS:
@@ -88,8 +91,13 @@ class Metrics:
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
 
-    def set_build(self, version: str, model: str, backend: str, device: str) -> None:
-        self.build_info.labels(version, model, backend, device).set(1)
+    def set_build(self, version: str, model: str, device: str, options: dict) -> None:
+        """`options`: the run options by name (`RunOptions.describe()`); lists are written comma-separated."""
+        values = {"version": version, "model": model, "device": device}
+        for name in BUILD_LABELS[3:]:
+            value = options[name]
+            values[name] = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).lower()
+        self.build_info.labels(**values).set(1)
 
     def track_device_memory(self, read: Callable[[], float]) -> None:
         self.device_memory.set_function(read)

@@ -88,6 +88,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "aptserve"
+    device: str | None = None  # ours: where it runs and how (backend, attention, FP8, decoder, ...)
+    run_options: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from aptserve.engines.backends.options import RunOptions
 
 
 def default_model() -> str:
@@ -42,16 +45,48 @@ class Settings(BaseSettings):
     prompt_completion: bool = Field(
         True, description="complete short prompts by the model's caption grammar, where its checkpoint has one"
     )
-    warmup: bool = Field(True, description="run one generation before reporting ready")
+    warmup: bool = Field(True, description="generate once per warm-up shape (and batch size) before reporting ready")
+    warmup_shapes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated WIDTHxHEIGHT:SECONDS shape buckets compiled before ready "
+        "(default: the model's size at default_seconds)",
+    )
+    backend: str = Field("eager", description="eager or compiled (torch.compile)")
+    compiler: str = Field("inductor", description="torch.compile backend for --backend compiled: inductor, aot_eager")
+    attention: str = Field("auto", description="generator attention: auto, sdpa, triton, triton_fp8, ...")
+    fp8_linears: bool = Field(False, description="FP8 (e4m3) linears in the generator")
+    bf16_blocks: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, description="comma-separated generator block indices kept in bf16 with --fp8-linears"
+    )
+    fp8_emulation: bool = Field(False, description="allow FP8 linears without FP8 hardware (slow emulation)")
+    cuda_graphs: bool = Field(False, description="CUDA graphs per shape bucket (compiled backend, CUDA only)")
+    channels_last: bool = Field(False, description="channels-last (NDHWC) VAE decoder")
+    decoder: str = Field("full", description="VAE decoder: full, or light (the model's distilled light decoder)")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
     log_level: str = Field("info", description="uvicorn and aptserve log level")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "warmup_shapes", "bf16_blocks", mode="before")
     @classmethod
-    def _split_keys(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    def run_options(self) -> RunOptions:
+        """How the model runs (raises ValueError naming a bad value)."""
+        from aptserve.engines.backends.options import RunOptions
+
+        return RunOptions(
+            backend=self.backend,
+            attention=self.attention,
+            fp8_linears=self.fp8_linears,
+            bf16_blocks=tuple(self.bf16_blocks),
+            fp8_emulation=self.fp8_emulation,
+            cuda_graphs=self.cuda_graphs,
+            channels_last=self.channels_last,
+            compiler=self.compiler,
+            decoder=self.decoder,
+        )
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from aptserve.engines.pipeline import Cancelled, GenerationRequest, Pipeline
 from aptserve.server.scheduler import ChunkReady, Failed, Finished, Scheduler, Started, Ticket
@@ -14,15 +15,27 @@ from aptserve.server.scheduler import ChunkReady, Failed, Finished, Scheduler, S
 log = logging.getLogger("aptserve.worker")
 
 
+@dataclass(frozen=True)
+class WarmupShape:
+    """One shape bucket run before the server says ready: a compiled backend compiles its graphs here."""
+
+    size: str  # "WIDTHxHEIGHT"
+    seconds: float
+    batch: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.size}, {self.seconds:g} s, batch {self.batch}"
+
+
 class EngineWorker:
     def __init__(
         self,
         load: Callable[[], Pipeline],
         scheduler: Scheduler,
-        warmup: bool = True,
+        warmup: Sequence[WarmupShape] = (WarmupShape("", 0.5),),
         complete_prompts: bool = True,
     ):
-        self._load, self.scheduler, self.warmup = load, scheduler, warmup
+        self._load, self.scheduler, self.warmup = load, scheduler, tuple(warmup)
         self.complete_prompts = complete_prompts  # by the model's caption grammar (aptserve.engines.prompts)
         self.pipeline: Pipeline | None = None
         self.ready = threading.Event()
@@ -41,8 +54,7 @@ class EngineWorker:
     def _run(self) -> None:
         try:
             self.pipeline = self._load()
-            if self.warmup:
-                self._warm_up()
+            self._warm_up()
         except BaseException as exc:  # reported through /readyz and the log; the thread ends
             log.exception("model failed to load")
             self.load_error = exc
@@ -52,11 +64,13 @@ class EngineWorker:
             self.run_batch(batch)
 
     def _warm_up(self) -> None:
-        start = time.perf_counter()
-        request = self.pipeline.request("warm up", seeds=0, seconds=0.5)
-        for _ in self.pipeline.generate(request):
-            pass
-        log.info("warm-up generation took %.2f s", time.perf_counter() - start)
+        """One generation per shape bucket and batch size; an empty size means the model's default size."""
+        for i, shape in enumerate(self.warmup, 1):
+            start = time.perf_counter()
+            request = self.pipeline.request(["warm up"] * shape.batch, 0, shape.size or None, shape.seconds)
+            for _ in self.pipeline.generate(request):
+                pass
+            log.info("warm-up %d/%d (%s) took %.2f s", i, len(self.warmup), shape, time.perf_counter() - start)
 
     def run_batch(self, batch: list[Ticket]) -> None:
         now = time.monotonic()

@@ -41,7 +41,13 @@ async def metrics(services: ServicesDep) -> Response:
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
 async def list_models(services: ServicesDep) -> ModelList:
     """The model this server runs."""
-    return ModelList(data=[ModelCard(id=services.model_name, created=services.started_at)])
+    card = ModelCard(
+        id=services.model_name,
+        created=services.started_at,
+        device=services.device,
+        run_options=services.run_options.describe(),
+    )
+    return ModelList(data=[card])
 
 
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -11,7 +11,7 @@ import numpy as np
 
 from aptserve.engines.loading import CONFIG_NAME
 from aptserve.evaluation.classifier import classifier_key
-from aptserve.evaluation.config import EvalConfig, SystemSpec
+from aptserve.evaluation.config import RUN_DEFAULTS, EvalConfig, SystemSpec
 from aptserve.evaluation.images import slug
 
 
@@ -38,9 +38,9 @@ def model_fingerprint(model: str, prompt_grammar: bool = True) -> str:
 
 
 class SystemCache:
-    """A system's summary and contact-sheet frames, stored under a key of everything they depend on: the system,
-    the checkpoint's bytes, the prompts, sizes and batch, the classifier. Re-running an evaluation after one
-    model changed regenerates only the systems of that model."""
+    """A system's summary, contact-sheet frames and per-clip readings (for bootstrap intervals), stored under a key
+    of everything they depend on: the system, the checkpoint's bytes, the prompts, sizes and batch, the classifier.
+    Re-running an evaluation after one model changed regenerates only the systems of that model."""
 
     def __init__(self, cfg: EvalConfig):
         self.root = Path(cfg.cache) if cfg.cache else None
@@ -69,20 +69,30 @@ class SystemCache:
             del described["prompt"]
         if not described["complete_prompts"]:
             del described["complete_prompts"]
+        for name, default in RUN_DEFAULTS.items():
+            if described[name] == default:
+                del described[name]
         key = {**self.common, "system": described, "model": self.fingerprints[which]}
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.root / f"{slug(system.name)}-{digest}"
 
-    def load(self, system: SystemSpec) -> tuple[dict, np.ndarray] | None:
+    def load(self, system: SystemSpec) -> tuple[dict, np.ndarray, dict[str, np.ndarray] | None] | None:
+        """The summary, the sheet frames and the per-clip readings; results stored before per-clip readings were
+        kept give None for them (their intervals are not reported)."""
         path = self._path(system)
         if path is None or not path.with_suffix(".json").is_file() or not path.with_suffix(".npy").is_file():
             return None
-        return json.loads(path.with_suffix(".json").read_text()), np.load(path.with_suffix(".npy"))
+        clips = None
+        if path.with_suffix(".npz").is_file():
+            with np.load(path.with_suffix(".npz")) as stored:
+                clips = dict(stored)
+        return json.loads(path.with_suffix(".json").read_text()), np.load(path.with_suffix(".npy")), clips
 
-    def store(self, system: SystemSpec, summary: dict, sheet: np.ndarray) -> None:
+    def store(self, system: SystemSpec, summary: dict, sheet: np.ndarray, clips: dict[str, np.ndarray]) -> None:
         path = self._path(system)
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path.with_suffix(".npy"), sheet)
+        np.savez(path.with_suffix(".npz"), **clips)
         path.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,15 +1,22 @@
-"""Evaluation settings: the systems compared (checkpoint, steps, guidance, prompt form) and the run's sizes and paths."""
+"""Evaluation settings: the systems compared (checkpoint, steps, guidance, prompt form, how the model runs), the pairs
+compared with bootstrap intervals, and the run's sizes and paths."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+from aptserve.engines.backends.options import RunOptions
 from aptserve.engines.config import parse_size
 from aptserve.training.data import ShapeSpec, caption_of
 
 FPS = 24  # the shapes dataset's frame rate
 DEGRADE = {"blur": 1.0, "noise": 6.0, "soften": 2}  # the degradation the analyzer's robustness is reported on
 PROMPT_FORMS = ("full", "short")
+DTYPES = ("float32", "bfloat16")
+# How a system's model runs, and the defaults every system had before these fields existed (the cache keys of
+# systems left at the defaults do not name them).
+RUN_DEFAULTS: dict[str, Any] = {"dtype": "float32", "attention": "auto", "fp8_linears": False, "bf16_blocks": ()}
 
 
 @dataclass(frozen=True)
@@ -24,12 +31,35 @@ class SystemSpec:
     # complete each prompt by the checkpoint's caption grammar, as serving does (engines.prompts); off by default,
     # so a system is measured on the prompts as written
     complete_prompts: bool = False
+    # How the model runs, as the server runs it (engines.backends.options.RunOptions, applied after the pipeline is
+    # built in `dtype`): the attention impl, FP8 linears (emulated where the device has no FP8 GEMM, so CPU runs
+    # measure the same numerics) and the blocks kept out of FP8.
+    dtype: str = "float32"
+    attention: str = "auto"
+    fp8_linears: bool = False
+    bf16_blocks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "bf16_blocks", tuple(self.bf16_blocks))  # a JSON list
         if self.steps < 1:
             raise ValueError(f"system {self.name!r}: steps must be >= 1; got {self.steps}")
         if self.prompt not in PROMPT_FORMS:
             raise ValueError(f"system {self.name!r}: prompt must be one of {PROMPT_FORMS}; got {self.prompt!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"system {self.name!r}: dtype must be one of {DTYPES}; got {self.dtype!r}")
+        try:
+            self.run_options()
+        except ValueError as exc:
+            raise ValueError(f"system {self.name!r}: {exc}") from exc
+
+    def run_options(self) -> RunOptions:
+        return RunOptions(
+            attention=self.attention, fp8_linears=self.fp8_linears, bf16_blocks=self.bf16_blocks, fp8_emulation=True
+        )
+
+    def run_changes(self) -> dict[str, Any]:
+        """The run fields that differ from RUN_DEFAULTS, by name."""
+        return {k: getattr(self, k) for k, default in RUN_DEFAULTS.items() if getattr(self, k) != default}
 
     def caption(self, spec: ShapeSpec) -> str:
         return spec.caption if self.prompt == "full" else caption_of(spec.colour, spec.shape, spec.motion)
@@ -70,10 +100,18 @@ class EvalConfig:
     links_relative_to: str = "docs"  # image links in the markdown are relative to where it will be merged
     device: str = "cpu"
     cache: str = "runs/eval/systems"  # per-system results, keyed by everything they depend on; "" disables
+    # Bootstrap over prompts: resamples (0: no intervals), their seed, and the central interval's coverage.
+    bootstrap: int = 1000
+    bootstrap_seed: int = 0
+    confidence: float = 0.9
+    # Pairs of system names (reference, candidate) compared on the same prompts and seeds: intervals of the
+    # candidate's difference from the reference and whether it stays within the reference's interval.
+    comparisons: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         systems = tuple(s if isinstance(s, SystemSpec) else _system_from_dict(s) for s in self.systems)
         object.__setattr__(self, "systems", systems)
+        object.__setattr__(self, "comparisons", tuple(tuple(pair) for pair in self.comparisons))
         parse_size(self.size)
         numbers = {
             "prompts": self.prompts,
@@ -87,6 +125,19 @@ class EvalConfig:
             raise ValueError(f"eval config: need positive counts (prompts >= 2) and seconds; got {bad}, {self.seconds}")
         if len({s.name for s in systems}) != len(systems):
             raise ValueError(f"eval config: system names must be unique; got {[s.name for s in systems]}")
+        if self.bootstrap < 0 or not 0 < self.confidence < 1:
+            raise ValueError(
+                f"eval config: need bootstrap >= 0 and 0 < confidence < 1; got {self.bootstrap}, {self.confidence}"
+            )
+        for system in systems:  # options the device cannot run fail here, not after the systems before them ran
+            try:
+                system.run_options().check(self.device)
+            except ValueError as exc:
+                raise ValueError(f"eval config: system {system.name!r}: {exc}") from exc
+        names = {s.name for s in systems}
+        bad_pairs = [p for p in self.comparisons if len(p) != 2 or not set(p) <= names or p[0] == p[1]]
+        if bad_pairs:
+            raise ValueError(f"eval config: comparisons are pairs of two system names of this config; got {bad_pairs}")
 
 
 def _system_from_dict(data: dict) -> SystemSpec:
@@ -94,5 +145,6 @@ def _system_from_dict(data: dict) -> SystemSpec:
         return SystemSpec(**data)
     except TypeError as exc:
         raise ValueError(
-            f"eval config: bad system {data}: {exc}; keys are name, model, steps, guidance, prompt"
+            f"eval config: bad system {data}: {exc}; keys are name, model, steps, guidance, prompt, "
+            "complete_prompts, dtype, attention, fp8_linears, bf16_blocks"
         ) from exc

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from aptserve.engines.config import frames_for_seconds, parse_size
 from aptserve.engines.loading import load_model, load_text_encoder
@@ -41,28 +42,38 @@ def rendered_batches(
 
 
 class PipelineCache:
-    """The last model's pipeline (systems that share a model run back to back) and one text encoder per config;
-    a model that cannot be loaded gives the reason as a string instead."""
+    """The last system's pipeline (systems that share a model and run options run back to back) and one text encoder
+    per config; a model that cannot be loaded or run so gives the reason as a string instead."""
 
     def __init__(self, device: str):
         self.device = device
         self.encoders: dict = {}
-        self.name: str | None = None
+        self.key: tuple | None = None
         self.pipeline: Pipeline | str | None = None
 
-    def get(self, model: str) -> Pipeline | str:
-        if model != self.name:
-            self.name, self.pipeline = model, None  # drop the previous model before loading the next
+    def get(self, system: SystemSpec | str) -> Pipeline | str:
+        """The pipeline of a system, or of a model name run as built (float32, default options)."""
+        if isinstance(system, str):
+            system = SystemSpec(system, system)
+        key = (system.model, system.dtype, system.run_options())
+        if key != self.key:
+            self.key, self.pipeline = key, None  # drop the previous model before loading the next
             try:
-                loaded = load_model(model, self.device)
-            except ValueError as exc:  # a checkpoint that does not exist (yet) or cannot be loaded
+                self.pipeline = self._load(system)
+            except ValueError as exc:  # a checkpoint that does not exist (yet), or options it cannot run with
                 self.pipeline = str(exc)
-            else:
-                text = loaded.config.text
-                if text not in self.encoders:
-                    self.encoders[text] = CachedTextEncoder(load_text_encoder(text, self.device))
-                self.pipeline = Pipeline(loaded, self.encoders[text], self.device)
         return self.pipeline
+
+    def _load(self, system: SystemSpec) -> Pipeline:
+        """As the server loads: the pipeline built in the system's dtype, then its run options applied."""
+        dtype = getattr(torch, system.dtype)
+        loaded = load_model(system.model, self.device, dtype)
+        options = system.run_options()
+        options.check(self.device, loaded.config.dit.depth)
+        text = loaded.config.text
+        if text not in self.encoders:
+            self.encoders[text] = CachedTextEncoder(load_text_encoder(text, self.device))
+        return options.apply(Pipeline(loaded, self.encoders[text], self.device, dtype))
 
 
 def generate_set(

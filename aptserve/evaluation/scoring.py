@@ -1,5 +1,5 @@
-"""What is kept of a set of clips (analyzer readings, classifier features, sharpness, contact-sheet frames) and the
-summary row it scores to against the real clips of the same prompts."""
+"""What is kept of a set of clips (analyzer readings, classifier features, sharpness, contact-sheet frames), the
+summary row it scores to against the real clips of the same prompts, and its bootstrap intervals over prompts."""
 
 from __future__ import annotations
 
@@ -7,12 +7,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aptserve.evaluation.analyzer import adherence, analyze, degrade
+from aptserve.evaluation.analyzer import ATTRIBUTES, adherence, analyze, degrade
 from aptserve.evaluation.classifier import LABELS, ClipClassifier, classify, label_tensor
 from aptserve.evaluation.config import DEGRADE, EvalConfig
 from aptserve.evaluation.images import SHEET_FRAMES
-from aptserve.evaluation.metrics import accuracy, frechet_distance, laplacian_energy
+from aptserve.evaluation.metrics import (
+    accuracy,
+    frechet_distance,
+    frechet_replicates,
+    laplacian_energy,
+    mean_replicates,
+    paired_intervals,
+    percentile_interval,
+    verdict,
+)
 from aptserve.training.data import ShapeSpec
+
+SCORES = (*ATTRIBUTES, "all", "frechet")  # what intervals are reported for: adherence rates and the Frechet distance
 
 
 @dataclass
@@ -39,6 +50,12 @@ class ClipSet:
         index = np.round(np.linspace(0, clips.shape[1] - 1, SHEET_FRAMES)).astype(int)
         self.sheet += [clip[index] for clip in clips[: max(0, cfg.sheet_prompts - len(self.sheet))]]
 
+    def per_clip(self) -> dict[str, np.ndarray]:
+        """What the bootstrap needs, in prompt order: features (N, D) and the analyzer's hits (N, 4) on
+        colour, shape, motion and all three."""
+        hits = np.array([[h[name] for name in (*ATTRIBUTES, "all")] for h in self.hits], bool).reshape(-1, 4)
+        return {"features": np.concatenate(self.features).astype(np.float32), "hits": hits}
+
     def add_degraded(self, clips: np.ndarray, specs: list[ShapeSpec], seed: int) -> None:
         first = len(self.degraded_hits)
         for i, (clip, spec) in enumerate(zip(clips, specs)):
@@ -56,3 +73,51 @@ def summarise(system: ClipSet, real: ClipSet) -> dict:
         "sharpness": float(np.concatenate(system.energy).mean() / np.concatenate(real.energy).mean()),
         "seconds_per_clip": system.seconds / max(len(system.hits), 1),
     }
+
+
+def replicates(clips: dict[str, np.ndarray], real: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Bootstrap replicates (R,) of each score in SCORES, from per-clip readings paired by prompt with `real`'s."""
+    reps = {name: mean_replicates(clips["hits"][:, i], indices) for i, name in enumerate((*ATTRIBUTES, "all"))}
+    reps["frechet"] = frechet_replicates(clips["features"], real["features"], indices)
+    return reps
+
+
+def intervals(
+    reps: dict[str, np.ndarray], points: dict[str, float], confidence: float
+) -> dict[str, tuple[float, float]]:
+    """Each score's interval around its estimate in `points`."""
+    return {name: percentile_interval(values, confidence, points[name]) for name, values in reps.items()}
+
+
+def compare(
+    point_a: dict[str, float],
+    point_b: dict[str, float],
+    reps_a: dict[str, np.ndarray],
+    reps_b: dict[str, np.ndarray],
+    confidence: float,
+) -> dict[str, dict]:
+    """Per score, the paired comparison of system b with the reference a on the same prompts and seeds: both
+    estimates and intervals, the intervals of b - a (and b / a), whether b's estimate lies in a's interval, and
+    the verdict on "b is within a's interval": the difference's interval against a's interval around a's estimate."""
+    out = {}
+    for name in SCORES:
+        a, b = point_a[name], point_b[name]
+        a_int = percentile_interval(reps_a[name], confidence, a)
+        b_int = percentile_interval(reps_b[name], confidence, b)
+        paired = paired_intervals(reps_a[name], reps_b[name], confidence, (a, b))
+        out[name] = {
+            "a": a,
+            "b": b,
+            "a_interval": a_int,
+            "b_interval": b_int,
+            **paired,
+            "b_in_a_interval": a_int[0] <= b <= a_int[1],
+            "difference_contains_0": paired["difference"][0] <= 0 <= paired["difference"][1],
+            "verdict": verdict(paired["difference"], (a_int[0] - a, a_int[1] - a)),
+        }
+    return out
+
+
+def point_scores(summary: dict) -> dict[str, float]:
+    """The estimates of SCORES from a summary row."""
+    return {**{name: summary["adherence"][name] for name in (*ATTRIBUTES, "all")}, "frechet": summary["frechet"]}

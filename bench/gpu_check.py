@@ -23,25 +23,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import gc
-import json
 import math
-import platform
 import resource
 import statistics
-import sys
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_report import GIB, Report, Row, _free_memory, _sync, machine_info, relative_error, time_call
 
 from aptserve import kernels
-from aptserve.engines.backends import prepare
+from aptserve.engines.backends.options import RunOptions
 from aptserve.engines.config import MODEL_PRESETS, ModelConfig
 from aptserve.engines.dit import MMDiT
 from aptserve.engines.flops import dit_flops
@@ -50,18 +45,18 @@ from aptserve.engines.vae import VAE_PRESETS, CausalVAE, VAEConfig
 from aptserve.kernels.attention import reference_attention
 from aptserve.kernels.triton_attention import unsupported_reason
 
-GIB = 2**30
-
 # Logical table order: row name -> what it measures (kept in the JSON; the table shows the per-run notes).
 ROWS: dict[str, str] = {
     "matmul": "square matmul in the run's dtype, median; the peak the other rows are compared with",
     "attention sdpa": "torch SDPA with the key padding mask",
     "attention triton": "Triton flash attention, bf16",
     "attention triton_fp8": "Triton flash attention, e4m3 Q/K/V/P",
+    "attention triton_int8": "Triton 8-bit attention: INT8 Q.K^T, FP8 P.V (SageAttention2's scheme)",
     "dit eager sdpa": "one generator step, SDPA attention",
     "dit eager triton": "one generator step, Triton attention",
     "dit eager fp8 linears": "+ FP8 linears, Triton attention (SDPA where Triton cannot run)",
     "dit eager fp8 linears + fp8 attention": "+ FP8 linears and FP8 Triton attention",
+    "dit eager fp8 linears + int8 attention": "+ FP8 linears and the 8-bit Triton attention (--tiny: its emulation)",
     "dit compiled fp8 linears": "+ torch.compile of the blocks, FP8 linears, the faster eager FP8 row's attention",
     "vae wan chunked": "Wan-sized decoder, latent frame by latent frame, each chunk to host uint8 (as the server does)",
     "vae wan channels-last chunked": "NDHWC activations",
@@ -70,6 +65,7 @@ ROWS: dict[str, str] = {
     "vae wan-light channels-last compiled chunked": "light decoder, NDHWC, compiled: the decode fast path",
     "e2e eager fast path": "noise -> DiT (FP8, faster attention) -> light VAE chunks on the host; text encode excluded",
     "e2e compiled fast path": "as above with the compiled DiT and the compiled channels-last light VAE",
+    "served fast path": "the worker's path on those modules: Pipeline.generate, uint8 chunks, the fMP4 encoder",
     "peak memory": "largest device memory any row held (CPU: process peak RSS)",
 }
 
@@ -127,151 +123,6 @@ def tiny_plan(compiler: str) -> Plan:
         text_tokens=32, matmul_n=512, attn_heads=4, attn_head_dim=64, reference_rows=64, warmup=0, repeats=1,
         matmul_repeats=5, compiler=compiler, tiny=True, compile_reserve_s=0.0,
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Rows, timing and the report
-
-
-@dataclass
-class Row:
-    name: str
-    what: str = ""
-    status: str = "skipped"  # ok | skipped | error
-    seconds: float | None = None  # median of the timed runs
-    tflops: float | None = None
-    peak_fraction: float | None = None  # TFLOP/s over the measured matmul TFLOP/s
-    error: float | None = None  # relative (Frobenius) error against the row's reference, see note
-    peak_gib: float | None = None
-    note: str = ""
-    reason: str = ""  # why a row was skipped or failed
-
-
-@dataclass
-class Report:
-    plan: Plan
-    budget_s: float
-    only: list[str]
-    json_path: Path | None
-    machine: dict[str, Any]
-    rows: dict[str, Row] = field(default_factory=lambda: {n: Row(n, w, reason="not run") for n, w in ROWS.items()})
-    start: float = field(default_factory=time.perf_counter)
-    peak_tflops: float | None = None
-
-    def run(
-        self, name: str, measure: Callable[[], dict[str, Any]], skip: str | None = None, reserve_s: float = 0.0
-    ) -> None:
-        """Run one row's measurement with every guard; it returns Row fields plus optional `flops`. A row that
-        needs `reserve_s` (a compile) is skipped unless that much of the budget is left."""
-        row = self.rows[name]
-        elapsed = time.perf_counter() - self.start
-        if self.only and not any(part in name for part in self.only):
-            skip = skip or "not selected (--only)"
-        if skip is None and elapsed + reserve_s > self.budget_s:
-            skip = f"time budget: {elapsed:.0f} s of {self.budget_s:.0f} s spent, row needs about {reserve_s:.0f} s"
-        if skip is not None:
-            row.status, row.reason = "skipped", skip
-        else:
-            self._measure(row, measure)
-        self._log(row, elapsed, time.perf_counter() - self.start)
-        self.write_json()
-
-    def _measure(self, row: Row, measure: Callable[[], dict[str, Any]]) -> None:
-        cuda = self.plan.device == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        try:
-            values = measure()
-        except Exception as exc:  # one shot on a rented GPU: report and go on
-            traceback.print_exc(file=sys.stderr)
-            row.status, row.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            _free_memory(self.plan.device)
-            return
-        flops = values.pop("flops", None)
-        for key, value in values.items():
-            setattr(row, key, value)
-        row.status, row.reason = "ok", ""
-        if flops is not None and row.seconds:
-            row.tflops = flops / row.seconds / 1e12
-            if self.peak_tflops:
-                row.peak_fraction = row.tflops / self.peak_tflops
-        if row.peak_gib is None and cuda:
-            row.peak_gib = torch.cuda.max_memory_allocated() / GIB
-
-    def _log(self, row: Row, started: float, ended: float) -> None:
-        result = f"{row.seconds:.4g} s" if row.status == "ok" and row.seconds is not None else row.reason
-        print(f"[{started:6.1f} -> {ended:6.1f} s] {row.name}: {row.status} {result}", file=sys.stderr, flush=True)
-
-    def write_json(self) -> None:
-        if self.json_path is None:
-            return
-        data = {
-            "machine": self.machine,
-            "plan": {k: str(v) for k, v in dataclasses.asdict(self.plan).items() if k != "model"},
-            "elapsed_s": time.perf_counter() - self.start,
-            "rows": [dataclasses.asdict(row) for row in self.rows.values()],
-        }
-        self.json_path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_call(fn: Callable[[], Any], device: str, warmup: int, repeats: int) -> tuple[float, float, Any]:
-    """(median seconds of `repeats` timed calls, seconds of the first call, last result) after `warmup` calls."""
-    first = None
-    for _ in range(warmup):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        first = first if first is not None else time.perf_counter() - start
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), first if first is not None else times[0], result
-
-
-def _free_memory(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30)).item()
-
-
-def machine_info(plan: Plan) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "device": plan.device,
-        "dtype": str(plan.dtype).removeprefix("torch."),
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if plan.device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        info |= {
-            "gpu": props.name,
-            "capability": f"{props.major}.{props.minor}",
-            "gpu_memory_gib": props.total_memory / GIB,
-        }
-    return info
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -334,8 +185,8 @@ def attention_section(report: Report) -> None:
             state["inputs"] = attention_inputs(plan)
         return state["inputs"]
 
-    for impl in ("sdpa", "triton", "triton_fp8"):
-        skip = None if impl == "sdpa" else triton_skip(plan, fp8=impl == "triton_fp8")
+    for impl in ("sdpa", "triton", "triton_fp8", "triton_int8"):
+        skip = None if impl == "sdpa" else triton_skip(plan, fp8=impl != "triton")
         report.run(f"attention {impl}", lambda impl=impl: measure_attention(plan, inputs(), impl), skip)
     state.clear()
     _free_memory(plan.device)
@@ -367,12 +218,18 @@ def dit_inputs(plan: Plan) -> tuple[torch.Tensor, ...]:
     return z.to(plan.dtype), t, text.to(plan.dtype), text_mask(plan)
 
 
+def run_options(plan: Plan, backend: str, attention: str = "auto", fp8: bool = False, **options: Any) -> RunOptions:
+    """The server's RunOptions for a row; FP8 runs emulated where the GPU has no FP8 GEMM (the row's note says so)."""
+    return RunOptions(
+        backend=backend, attention=attention, fp8_linears=fp8, fp8_emulation=fp8, compiler=plan.compiler, **options
+    )
+
+
 def measure_dit(plan: Plan, state: dict[str, Any], backend: str, **options: Any) -> dict[str, Any]:
     if "dit" not in state:
         state["dit"], state["dit_inputs"] = build_dit(plan), dit_inputs(plan)
     model = state["dit"]
-    extra = {"compiler": plan.compiler} if backend == "compiled" else {}
-    prepare(model, backend, **options, **extra)
+    run_options(plan, backend, **options).apply(model)  # the call the server makes at load
     inputs = state["dit_inputs"]
     with torch.inference_mode():
         seconds, first, out = time_call(lambda: model(*inputs), plan.device, plan.warmup, plan.repeats)
@@ -399,11 +256,18 @@ def fp8_kind(plan: Plan) -> str:
 def dit_rows(plan: Plan, fast_attention: str) -> list[tuple[str, str, dict[str, Any], str | None]]:
     """(row, backend, prepare options, skip reason) in run order; later rows build on the earlier ones."""
     no_triton, no_fp8 = triton_skip(plan, fp8=False), triton_skip(plan, fp8=True)
+    int8 = "int8_emulated" if plan.tiny else "triton_int8"  # the CPU run checks the row with the kernel's emulation
     return [
         ("dit eager sdpa", "eager", {"attention": "sdpa"}, None),
         ("dit eager triton", "eager", {"attention": "triton"}, no_triton),
         ("dit eager fp8 linears", "eager", {"attention": fast_attention, "fp8": True}, None),
         ("dit eager fp8 linears + fp8 attention", "eager", {"attention": "triton_fp8", "fp8": True}, no_fp8),
+        (
+            "dit eager fp8 linears + int8 attention",
+            "eager",
+            {"attention": int8, "fp8": True},
+            None if plan.tiny else no_fp8,
+        ),
     ]
 
 
@@ -417,6 +281,7 @@ def dit_section(report: Report, state: dict[str, Any]) -> None:
     candidates = {
         fast_attention: report.rows["dit eager fp8 linears"],
         "triton_fp8": report.rows["dit eager fp8 linears + fp8 attention"],
+        "int8_emulated" if plan.tiny else "triton_int8": report.rows["dit eager fp8 linears + int8 attention"],
     }
     timed = {impl: row.seconds for impl, row in candidates.items() if row.status == "ok" and row.seconds}
     if "dit" in state and timed and quantized_layer_names(state["dit"]):
@@ -459,8 +324,7 @@ def build_vae(plan: Plan, light: bool, channels_last: bool, compiled: bool) -> C
     with torch.device(plan.device):
         vae = CausalVAE(config)
     vae = vae.to(plan.dtype).eval().requires_grad_(False)
-    backend, extra = ("compiled", {"compiler": plan.compiler}) if compiled else ("eager", {})
-    return prepare(vae, backend, channels_last=channels_last, **extra)
+    return run_options(plan, "compiled" if compiled else "eager", channels_last=channels_last).apply(vae)
 
 
 def to_host_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -552,6 +416,60 @@ def e2e_row(report: Report, state: dict[str, Any], name: str, vae_key: str) -> N
     report.run(name, lambda: measure_e2e(report.plan, dit, vae), skip)
 
 
+class FixedText:
+    """Random text tokens in place of the text encoder, as an LRU-cache hit is in the server (text encode excluded)."""
+
+    def __init__(self, plan: Plan):
+        g = torch.Generator(device=plan.device).manual_seed(3)
+        shape = (1, plan.text_tokens, plan.model.dit.text_dim)
+        self.tokens, self.mask = torch.randn(shape, device=plan.device, generator=g), text_mask(plan)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(prompts)
+        return self.tokens.expand(n, -1, -1), self.mask.expand(n, -1)
+
+
+def measure_served(plan: Plan, dit: MMDiT, vae: CausalVAE) -> dict[str, Any]:
+    """What the engine worker runs for one request (the scheduler aside): Pipeline.generate on the modules prepared
+    with the server's RunOptions, each uint8 chunk into the fMP4 encoder on the host."""
+    from aptserve.engines.loading import LoadedModel
+    from aptserve.engines.pipeline import Pipeline
+
+    try:
+        from aptserve.media.encoder import FragmentedMP4Encoder
+    except ImportError:  # the GPU machine may lack imageio-ffmpeg: the row then stops at host uint8 chunks
+        FragmentedMP4Encoder = None
+    pipeline = Pipeline(LoadedModel(plan.model, dit, vae, "random weights"), FixedText(plan), plan.device, plan.dtype)
+    request = pipeline.request("served", 0, f"{plan.width}x{plan.height}", (plan.frames - 1) / plan.model.fps)
+    first_piece: list[float] = []
+
+    def run() -> None:
+        start, pieces = time.perf_counter(), []
+        encoder = FragmentedMP4Encoder(plan.width, plan.height, plan.model.fps) if FragmentedMP4Encoder else None
+        for chunk in pipeline.generate(request):
+            if encoder is not None:
+                pieces += encoder.write(chunk.frames[0])
+            if len(first_piece) < len(pieces) or (encoder is None and chunk.index == 0):
+                first_piece.append(time.perf_counter() - start)
+        if encoder is not None:
+            encoder.close()
+
+    seconds, _, _ = time_call(run, plan.device, plan.warmup, plan.repeats)
+    clip_s = (request.frames - 1) / plan.model.fps
+    path = "fMP4 encoder" if FragmentedMP4Encoder else "no imageio-ffmpeg: uint8 chunks only"
+    note = (
+        f"{request.width}x{request.height}x{request.frames}, attention {dit.attention_impl}, {path}; first piece "
+        f"after {statistics.median(first_piece):.3f} s; realtime factor {clip_s / seconds:.2f}"
+    )
+    return {"seconds": seconds, "note": note}
+
+
+def served_row(report: Report, state: dict[str, Any]) -> None:
+    dit, vae = state.get("dit_fast"), state.get("vae:vae wan-light channels-last compiled")
+    skip = None if dit is not None and vae is not None else "needs the compiled DiT and light VAE rows"
+    report.run("served fast path", lambda: measure_served(report.plan, dit, vae), skip)
+
+
 def peak_memory_row(report: Report) -> None:
     rows = [r.peak_gib for r in report.rows.values() if r.peak_gib is not None]
 
@@ -618,7 +536,8 @@ def main(argv: list[str] | None = None) -> Report:
     torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithm per VAE shape, as a server would
     budget = args.budget_s if args.budget_s is not None else (100.0 if args.tiny else 420.0)
     only = [part.strip() for part in args.only.split(",") if part.strip()]
-    report = Report(plan, budget, only, args.json, machine_info(plan))
+    rows = {name: Row(name, what, reason="not run") for name, what in ROWS.items()}
+    report = Report(plan, budget, only, args.json, machine_info(plan), rows)
     run_all(report)
     print_table(report)
     report.write_json()
@@ -638,6 +557,7 @@ def run_all(report: Report) -> None:
     dit_compiled_row(report, state)
     vae_section(report, state, compiled=True)
     e2e_row(report, state, "e2e compiled fast path", "vae:vae wan-light channels-last compiled")
+    served_row(report, state)
     state.clear()
     _free_memory(plan.device)
     peak_memory_row(report)

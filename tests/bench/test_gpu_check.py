@@ -14,10 +14,12 @@ EXPECTED_ROWS = [
     "attention sdpa",
     "attention triton",
     "attention triton_fp8",
+    "attention triton_int8",
     "dit eager sdpa",
     "dit eager triton",
     "dit eager fp8 linears",
     "dit eager fp8 linears + fp8 attention",
+    "dit eager fp8 linears + int8 attention",
     "dit compiled fp8 linears",
     "vae wan chunked",
     "vae wan channels-last chunked",
@@ -26,9 +28,16 @@ EXPECTED_ROWS = [
     "vae wan-light channels-last compiled chunked",
     "e2e eager fast path",
     "e2e compiled fast path",
+    "served fast path",
     "peak memory",
 ]
-NEEDS_CUDA = {"attention triton", "attention triton_fp8", "dit eager triton", "dit eager fp8 linears + fp8 attention"}
+NEEDS_CUDA = {
+    "attention triton",
+    "attention triton_fp8",
+    "attention triton_int8",
+    "dit eager triton",
+    "dit eager fp8 linears + fp8 attention",
+}
 
 
 def _number(value) -> bool:
@@ -57,5 +66,8 @@ def test_tiny_gpu_check_reports_every_row(tmp_path: Path) -> None:
     assert _number(rows["matmul"]["tflops"]) and _number(rows["dit eager sdpa"]["peak_fraction"])
     assert rows["attention sdpa"]["error"] < 1e-5  # fp32 SDPA against the fp32 reference
     assert 1e-3 < rows["dit eager fp8 linears"]["error"] < 4e-2  # the FP8 emulation really ran
+    assert "int8_emulated" in rows["dit eager fp8 linears + int8 attention"]["note"]
+    assert rows["dit eager fp8 linears + int8 attention"]["error"] < 4e-2
+    assert "fMP4 encoder" in rows["served fast path"]["note"]  # the worker's path, encoder included
     for name in ("vae wan channels-last chunked", "vae wan compiled chunked"):
         assert rows[name]["error"] < 1e-5, name  # fp32: layouts and compilation agree with the eager decode

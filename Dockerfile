@@ -44,6 +44,8 @@ RUN groupadd --gid 10001 aptserve \
 
 COPY --from=builder /opt/venv /opt/venv
 COPY models/shapes-apt-tiny /opt/aptserve/models/shapes-apt-tiny
+# the default's distilled light decoder (--decoder light), which its config.json names
+COPY models/shapes-decoder-light-tiny /opt/aptserve/models/shapes-decoder-light-tiny
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -192,7 +192,12 @@ def test_runtime_stage_contract():
     assert "urllib" in seen["HEALTHCHECK"] and "http://127.0.0.1:8000/healthz" in seen["HEALTHCHECK"]
     assert "COPY --from=builder /opt/venv /opt/venv" in [f"COPY {rest}" for k, rest in runtime if k == "COPY"]
     models = re.search(r"APTSERVE_MODELS_DIR=(\S+)", seen["ENV"]).group(1)
-    assert f"models/shapes-apt-tiny {models}/shapes-apt-tiny" in [rest for k, rest in runtime if k == "COPY"]
+    copies = [rest for k, rest in runtime if k == "COPY"]
+    for name in (
+        "shapes-apt-tiny",
+        json.loads((ROOT / "models/shapes-apt-tiny/config.json").read_text())["light_decoder"],
+    ):
+        assert f"models/{name} {models}/{name}" in copies, name  # the default and the light decoder it names
     for stage in dockerfile_stages():
         image = stage[0][1].split()[0]
         assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+-\S+", image), f"base image not pinned to a version: {image}"

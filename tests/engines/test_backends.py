@@ -58,7 +58,7 @@ def test_unknown_backend_and_options_raise() -> None:
         prepare(_tiny_vae(), "eager", mode="max-autotune")
     with pytest.raises(ValueError, match="unknown attention impl"):
         prepare(_tiny_dit(), attention="flash9")
-    with pytest.raises(ValueError, match="MMDiT and CausalVAE"):
+    with pytest.raises(ValueError, match="MMDiT, WanTransformer and CausalVAE"):
         prepare(nn.Linear(2, 2), "compiled")
     with pytest.raises(ValueError, match=r"\.dit/\.vae"):
         modules_of(object())

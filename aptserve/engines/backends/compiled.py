@@ -26,6 +26,7 @@ from torch import nn
 from aptserve.engines.backends.eager import apply_options
 from aptserve.engines.dit import MMDiT
 from aptserve.engines.vae import CausalVAE
+from aptserve.engines.wan import WanTransformer
 
 # Each shape bucket adds graphs to the same code objects (two per bucket for the blocks, three for the decoder);
 # dynamo's default of 8 per code object would silently fall back to eager after a handful of buckets.
@@ -49,16 +50,18 @@ def prepare_compiled(
     if cuda_graphs:
         mode = "reduce-overhead"
     compile_kwargs = {"mode": mode, "backend": compiler, "dynamic": False}
-    if isinstance(module, MMDiT):
+    if isinstance(module, (MMDiT, WanTransformer)):
         _compile_dit(module, cuda_graphs, compile_kwargs)
     elif isinstance(module, CausalVAE):
         _compile_forward(module.decoder, cuda_graphs, compile_kwargs)
     else:
-        raise ValueError(f"the compiled backend handles MMDiT and CausalVAE modules; got {type(module).__name__}")
+        raise ValueError(
+            f"the compiled backend handles MMDiT, WanTransformer and CausalVAE modules; got {type(module).__name__}"
+        )
     return module
 
 
-def _compile_dit(dit: MMDiT, cuda_graphs: bool, compile_kwargs: dict) -> None:
+def _compile_dit(dit: MMDiT | WanTransformer, cuda_graphs: bool, compile_kwargs: dict) -> None:
     if cuda_graphs:
         _compile_forward(dit, cuda_graphs, compile_kwargs)
         return

@@ -15,6 +15,7 @@ from aptserve import kernels
 from aptserve.engines.dit import MMDiT
 from aptserve.engines.quant import DIT_SKIP, quantize_model, quantized_layer_names
 from aptserve.engines.vae import CausalVAE
+from aptserve.engines.wan import WanTransformer
 
 
 def apply_options(
@@ -26,13 +27,14 @@ def apply_options(
 ) -> nn.Module:
     """Set the generator's attention impl and FP8 linears (all but the embeddings, modulation, final layer and the
     blocks in `fp8_keep_blocks`), or the VAE's memory format, in place; other modules are unchanged."""
-    if isinstance(module, MMDiT):
+    if isinstance(module, (MMDiT, WanTransformer)):
         if attention is not None:
             if attention not in kernels.ATTENTION_IMPLS:
                 raise ValueError(f"unknown attention impl {attention!r}; choose one of {kernels.ATTENTION_IMPLS}")
             module.attention_impl = attention
         if fp8 and not quantized_layer_names(module):
-            quantize_model(module, skip=(*DIT_SKIP, *(f"blocks.{i}" for i in fp8_keep_blocks)))
+            skip = getattr(module, "fp8_skip", DIT_SKIP)  # WanTransformer names its own
+            quantize_model(module, skip=(*skip, *(f"blocks.{i}" for i in fp8_keep_blocks)))
     elif isinstance(module, CausalVAE) and channels_last:
         module.to(memory_format=torch.channels_last_3d)
     return module

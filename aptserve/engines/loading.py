@@ -18,7 +18,7 @@ from torch import nn
 
 from aptserve.engines.config import MODEL_PRESETS, ModelConfig
 from aptserve.engines.dit import MMDiT
-from aptserve.engines.text import TextEncoderConfig, TransformerTextEncoder
+from aptserve.engines.text import TextEncoderConfig, TransformerTextEncoder, UMT5TextEncoder
 from aptserve.engines.vae import CausalVAE
 
 CONFIG_NAME = "config.json"
@@ -278,8 +278,6 @@ def load_text_encoder(config: TextEncoderConfig, device: torch.device | str = "c
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer, T5EncoderModel, UMT5EncoderModel
     from transformers.utils import logging as hf_logging
-
-    from aptserve.engines.text import UMT5TextEncoder
 
     hf_logging.disable_progress_bar()
 

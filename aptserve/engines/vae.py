@@ -3,12 +3,14 @@
 The first frame is coded alone, so F = 4*L - 3 frames <-> L latent frames; decoding streams one latent frame at a
 time with the causal-conv history carried in an explicit `DecodeCache`. After `vae.to(memory_format=
 torch.channels_last_3d)` every activation stays channels-last (NDHWC), the layout cuDNN's fastest 3D convs use.
+`VAEConfig(layout="wan2.1")` builds Wan2.1's own VAE layout (weights via `engines.wan_vae.diffusers_vae_to_ours`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -89,17 +91,28 @@ def _conv3d(conv: nn.Conv3d, x: Tensor) -> Tensor:
 
 
 class ChannelRMSNorm(nn.Module):
-    """RMS norm over channels at each voxel: unlike GroupNorm it never mixes frames, so it stays causal."""
+    """RMS norm over channels at each voxel: unlike GroupNorm it never mixes frames, so it stays causal.
 
-    def __init__(self, channels: int, eps: float = 1e-6):
+    With `l2_eps` set it takes Wan2.1's form x / max(|x|, l2_eps) * sqrt(C), the eps on the norm rather than on the
+    mean of squares (on trained Wan weights the difference alone costs 1e-4 of error)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6, l2_eps: float | None = None):
         super().__init__()
         self.eps = eps
+        self.l2_eps = l2_eps
+        self.scale = channels**0.5
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, T, H, W)
         xf = x.float()  # the mean of squares overflows or loses precision in half types
-        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        if self.l2_eps is None:
+            xf = xf * torch.rsqrt(xf.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        else:
+            xf = F.normalize(xf, dim=1, eps=self.l2_eps) * self.scale
         return xf.to(x.dtype) * self.weight.view(1, -1, 1, 1, 1)
+
+
+Norm = Callable[[int], nn.Module]  # channels -> norm layer; Wan2.1's layout passes ChannelRMSNorm with l2_eps
 
 
 class CausalConv3d(nn.Conv3d):
@@ -131,27 +144,30 @@ class CausalConv3d(nn.Conv3d):
 
 
 class ResBlock3d(nn.Module):
-    """Pre-norm residual block of two causal 3x3x3 convs at a fixed channel count."""
+    """Pre-norm residual block of two causal 3x3x3 convs; a 1x1x1 shortcut conv when it changes the channel count."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, out_channels: int | None = None, norm: Norm = ChannelRMSNorm):
         super().__init__()
-        self.norm1 = ChannelRMSNorm(channels)
-        self.conv1 = CausalConv3d(channels, channels, 3)
-        self.norm2 = ChannelRMSNorm(channels)
-        self.conv2 = CausalConv3d(channels, channels, 3)
+        out_channels = out_channels or channels
+        self.norm1 = norm(channels)
+        self.conv1 = CausalConv3d(channels, out_channels, 3)
+        self.norm2 = norm(out_channels)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3)
+        self.shortcut = CausalConv3d(channels, out_channels, 1) if out_channels != channels else None
 
     def forward(self, x: Tensor, cache: ConvCache | None) -> tuple[Tensor, ConvCache | None]:
         h, cache = self.conv1(F.silu(self.norm1(x)), cache)
         h, cache = self.conv2(F.silu(self.norm2(h)), cache)
-        return x + h, cache  # (B, C, T, H, W)
+        skip = x if self.shortcut is None else self.shortcut(x)[0]  # a 1x1x1 conv keeps no history
+        return skip + h, cache  # (B, C_out, T, H, W)
 
 
 class SpatialAttention(nn.Module):
     """Single-head self-attention within each frame: global spatial context without looking ahead in time."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, norm: Norm = ChannelRMSNorm):
         super().__init__()
-        self.norm = ChannelRMSNorm(channels)
+        self.norm = norm(channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
 
@@ -186,15 +202,21 @@ class TemporalDownsample(nn.Module):
 
 
 class TemporalUpsample(nn.Module):
-    """Double time keeping frame 0 alone: a causal conv makes 2x channels that unfold into 2 frames per frame."""
+    """Double time keeping frame 0 alone: a causal conv makes 2x channels that unfold into 2 frames per frame.
 
-    def __init__(self, channels: int):
+    With `zero_first_history` frame 0 is zeros in the conv's past too, as in Wan2.1 (its "Rep" cache marker)."""
+
+    def __init__(self, channels: int, zero_first_history: bool = False):
         super().__init__()
         self.time_conv = CausalConv3d(channels, 2 * channels, (3, 1, 1))
+        self.zero_first_history = zero_first_history
 
     def forward(self, x: Tensor, cache: ConvCache | None) -> tuple[Tensor, ConvCache | None]:
         starts_video = cache is None or self.time_conv.cache_key not in cache
-        y, cache = self.time_conv(x, cache)  # (B, 2C, T, H, W)
+        history = x
+        if starts_video and self.zero_first_history:
+            history = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:]], dim=2)
+        y, cache = self.time_conv(history, cache)  # (B, 2C, T, H, W)
         y = _unfold_time(y)  # (B, C, 2T, H, W)
         if starts_video:  # frame 0 is passed through once instead of being doubled
             y = x[:, :, :1] if y.shape[2] == 2 else torch.cat([x[:, :, :1], y[:, :, 2:]], dim=2)
@@ -229,9 +251,9 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Optional temporal doubling (at the cheaper low resolution), then nearest 2x spatial and a conv per frame."""
 
-    def __init__(self, in_channels: int, out_channels: int, temporal: bool):
+    def __init__(self, in_channels: int, out_channels: int, temporal: bool, zero_first_history: bool = False):
         super().__init__()
-        self.time = TemporalUpsample(in_channels) if temporal else None
+        self.time = TemporalUpsample(in_channels, zero_first_history) if temporal else None
         self.conv = nn.Conv3d(in_channels, out_channels, (1, 3, 3), padding=(0, 1, 1))
 
     def forward(self, x: Tensor, cache: ConvCache | None) -> tuple[Tensor, ConvCache | None]:
@@ -246,11 +268,19 @@ class Upsample(nn.Module):
 
 
 class Stage(nn.Module):
-    """Residual blocks at one resolution, then an optional resample to the next one."""
+    """Residual blocks at one resolution (the first one from `in_channels`), then an optional resample."""
 
-    def __init__(self, channels: int, num_blocks: int, resample: nn.Module | None):
+    def __init__(
+        self,
+        channels: int,
+        num_blocks: int,
+        resample: nn.Module | None,
+        in_channels: int | None = None,
+        norm: Norm = ChannelRMSNorm,
+    ):
         super().__init__()
-        self.blocks = nn.ModuleList(ResBlock3d(channels) for _ in range(num_blocks))
+        widths = [in_channels or channels] + [channels] * (num_blocks - 1)
+        self.blocks = nn.ModuleList(ResBlock3d(width, channels, norm) for width in widths)
         self.resample = resample
 
     def forward(self, x: Tensor, cache: ConvCache | None) -> tuple[Tensor, ConvCache | None]:
@@ -264,17 +294,21 @@ class Stage(nn.Module):
 class MidBlock(nn.Module):
     """ResBlock, optional per-frame attention, ResBlock at the lowest resolution."""
 
-    def __init__(self, channels: int, attention: bool):
+    def __init__(self, channels: int, attention: bool, norm: Norm = ChannelRMSNorm):
         super().__init__()
-        self.block1 = ResBlock3d(channels)
-        self.attn = SpatialAttention(channels) if attention else None
-        self.block2 = ResBlock3d(channels)
+        self.block1 = ResBlock3d(channels, norm=norm)
+        self.attn = SpatialAttention(channels, norm) if attention else None
+        self.block2 = ResBlock3d(channels, norm=norm)
 
     def forward(self, x: Tensor, cache: ConvCache | None) -> tuple[Tensor, ConvCache | None]:
         x, cache = self.block1(x, cache)
         if self.attn is not None:
             x = self.attn(x)
         return self.block2(x, cache)
+
+
+def _norm_for(config: VAEConfig) -> Norm:
+    return partial(ChannelRMSNorm, l2_eps=WAN_NORM_EPS) if config.wan_layout else ChannelRMSNorm
 
 
 def _assign_cache_keys(root: nn.Module) -> None:
@@ -298,6 +332,11 @@ class VAEConfig:
     decoder_base_channels: int | None = None  # None = base_channels
     decoder_res_blocks: int | None = None  # None = num_res_blocks
     mid_attention: bool = False
+    # "aptserve": channels change in the resample convs. "wan2.1": AutoencoderKLWan 2.1's layout, loadable with
+    # `diffusers_vae_to_ours`: channels change in a stage's first res block (1x1x1 shortcut conv) and the decoder's
+    # upsample convs halve the width; 1x1x1 quant convs around the latent; frame 0 is zeros in the temporal
+    # upsamplers' history; the norm's eps sits on the L2 norm; decoded video is clamped to [-1, 1].
+    layout: str = "aptserve"
     # encode returns (mu - latent_mean) / latent_std: one scalar each, or one value per latent channel
     latent_mean: float | tuple[float, ...] = 0.0
     latent_std: float | tuple[float, ...] = 1.0
@@ -318,6 +357,10 @@ class VAEConfig:
             raise ValueError(
                 f"VAEConfig.channel_mults must be 4 integers >= 1 (8x spatial, 4x temporal), got {self.channel_mults}"
             )
+        if self.layout not in VAE_LAYOUTS:
+            raise ValueError(f"VAEConfig.layout must be one of {VAE_LAYOUTS}, got {self.layout!r}")
+        if self.wan_layout and any(c % 2 for c in self.decoder_channels[:3]):
+            raise ValueError(f"the wan2.1 layout halves decoder widths, which must be even: {self.decoder_channels}")
         for name in ("latent_mean", "latent_std"):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != self.latent_channels:
@@ -355,6 +398,10 @@ class VAEConfig:
         return normalisation_tensors(self.normalisation, like, first_frame)
 
     @property
+    def wan_layout(self) -> bool:
+        return self.layout == "wan2.1"
+
+    @property
     def spatial_factor(self) -> int:
         return SPATIAL_FACTOR
 
@@ -387,6 +434,15 @@ class VAEConfig:
         return (num_frames - 1) // TEMPORAL_FACTOR + 1
 
 
+VAE_LAYOUTS = ("aptserve", "wan2.1")
+WAN_NORM_EPS = 1e-12  # F.normalize's default, as Wan's RMS_norm uses it
+
+# AutoencoderKLWan 2.1's per-channel latent statistics (its config's latents_mean / latents_std)
+WAN21_LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508)
+WAN21_LATENT_MEAN += (0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_LATENT_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743)
+WAN21_LATENT_STD += (3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+
 VAE_PRESETS: dict[str, VAEConfig] = {
     # CPU default: decodes 13x8x8 latents to 49x64x64 frames in well under a second on 2 cores.
     "tiny": VAEConfig(base_channels=16, channel_mults=(1, 2, 4, 4), num_res_blocks=1),
@@ -396,6 +452,16 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     # at the lowest resolution; 256 keeps the cheap end cheap) and 2 blocks per stage.
     "wan-light": VAEConfig(
         base_channels=96, num_res_blocks=2, decoder_base_channels=64, decoder_res_blocks=2, mid_attention=True
+    ),
+    # Wan2.1's VAE itself (126.9M parameters): load its diffusers weights with `diffusers_vae_to_ours`.
+    "wan2.1": VAEConfig(
+        layout="wan2.1",
+        base_channels=96,
+        num_res_blocks=2,
+        decoder_res_blocks=3,
+        mid_attention=True,
+        latent_mean=WAN21_LATENT_MEAN,
+        latent_std=WAN21_LATENT_STD,
     ),
 }
 
@@ -409,15 +475,25 @@ class Encoder(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
-        ch = config.encoder_channels
-        self.stem = CausalConv3d(config.in_channels, ch[0], 3)
+        ch, wan, norm = config.encoder_channels, config.wan_layout, _norm_for(config)
+        # wan2.1: stage i goes from ins[i] to ch[i] in its first block and downsamples at ch[i]
+        ins = (config.base_channels, *ch[:3]) if wan else ch
+        outs = ch if wan else ch[1:]
+        self.stem = CausalConv3d(config.in_channels, ins[0], 3)
         self.stages = nn.ModuleList(
-            Stage(ch[i], config.num_res_blocks, Downsample(ch[i], ch[i + 1], temporal=i >= 1) if i < 3 else None)
+            Stage(
+                ch[i],
+                config.num_res_blocks,
+                Downsample(ch[i], outs[i], temporal=i >= 1) if i < 3 else None,
+                in_channels=ins[i],
+                norm=norm,
+            )
             for i in range(4)
         )
-        self.mid = MidBlock(ch[-1], config.mid_attention)
-        self.head_norm = ChannelRMSNorm(ch[-1])
+        self.mid = MidBlock(ch[-1], config.mid_attention, norm)
+        self.head_norm = norm(ch[-1])
         self.head = CausalConv3d(ch[-1], 2 * config.latent_channels, 3)
+        self.quant_conv = CausalConv3d(2 * config.latent_channels, 2 * config.latent_channels, 1) if wan else None
         _assign_cache_keys(self)
 
     def forward(self, x: Tensor, cache: ConvCache | None = None) -> tuple[Tensor, ConvCache | None]:
@@ -425,7 +501,8 @@ class Encoder(nn.Module):
         for stage in self.stages:
             x, cache = stage(x, cache)  # -> (B, C3, L, H/8, W/8)
         x, cache = self.mid(x, cache)
-        return self.head(F.silu(self.head_norm(x)), cache)  # (B, 2*latent, L, H/8, W/8)
+        x, cache = self.head(F.silu(self.head_norm(x)), cache)  # (B, 2*latent, L, H/8, W/8)
+        return (x, cache) if self.quant_conv is None else self.quant_conv(x, cache)
 
 
 class Decoder(nn.Module):
@@ -433,18 +510,30 @@ class Decoder(nn.Module):
 
     def __init__(self, config: VAEConfig):
         super().__init__()
-        ch = config.decoder_channels
-        self.stem = CausalConv3d(config.latent_channels, ch[0], 3)
-        self.mid = MidBlock(ch[0], config.mid_attention)
+        ch, wan, norm, latent = config.decoder_channels, config.wan_layout, _norm_for(config), config.latent_channels
+        # wan2.1: stage i runs at ch[i] from ins[i] (its first block doubles the halved width) and upsamples to half
+        outs = tuple(c // 2 for c in ch) if wan else ch[1:]
+        ins = (ch[0], *outs[:3]) if wan else ch
+        self.post_quant_conv = CausalConv3d(latent, latent, 1) if wan else None
+        self.stem = CausalConv3d(latent, ch[0], 3)
+        self.mid = MidBlock(ch[0], config.mid_attention, norm)
         self.stages = nn.ModuleList(
-            Stage(ch[i], config.decoder_blocks, Upsample(ch[i], ch[i + 1], temporal=i < 2) if i < 3 else None)
+            Stage(
+                ch[i],
+                config.decoder_blocks,
+                Upsample(ch[i], outs[i], temporal=i < 2, zero_first_history=wan) if i < 3 else None,
+                in_channels=ins[i],
+                norm=norm,
+            )
             for i in range(4)
         )
-        self.head_norm = ChannelRMSNorm(ch[-1])
+        self.head_norm = norm(ch[-1])
         self.head = CausalConv3d(ch[-1], config.in_channels, 3)
         _assign_cache_keys(self)
 
     def forward(self, z: Tensor, cache: ConvCache | None = None) -> tuple[Tensor, ConvCache | None]:
+        if self.post_quant_conv is not None:
+            z, cache = self.post_quant_conv(z, cache)
         x, cache = self.stem(z, cache)  # (B, C0, L, h, w)
         x, cache = self.mid(x, cache)
         for stage in self.stages:
@@ -507,10 +596,11 @@ class CausalVAE(nn.Module):
         return memory_format_of(self.decoder.stem.weight) == torch.channels_last_3d
 
     def decode(self, latent: Tensor) -> Tensor:
-        """(B, latent, L, h, w) normalised -> (B, 3, 4L-3, 8h, 8w), unclamped, in one pass over the time axis."""
+        """(B, latent, L, h, w) normalised -> (B, 3, 4L-3, 8h, 8w) in one pass over the time axis; unclamped but
+        in the wan2.1 layout, which clamps to [-1, 1] as Wan does."""
         self._check_latent(latent)
         video, _ = self.decoder(self._decoder_input(latent))
-        return video
+        return self._finish(video)
 
     def init_decode_cache(self) -> DecodeCache:
         return DecodeCache()
@@ -520,7 +610,7 @@ class CausalVAE(nn.Module):
         self._check_latent(latent_frame)
         video, convs = self.decoder(self._decoder_input(latent_frame, cache.latent_frames_decoded), cache.convs)
         assert convs is not None
-        return video, DecodeCache(convs, cache.latent_frames_decoded + latent_frame.shape[2])
+        return self._finish(video), DecodeCache(convs, cache.latent_frames_decoded + latent_frame.shape[2])
 
     def decode_chunks(self, latent: Tensor) -> Iterator[Tensor]:
         """Stream (B, latent, L, h, w) as L pieces of video: 1 frame, then 4 frames each."""
@@ -528,6 +618,9 @@ class CausalVAE(nn.Module):
         for t in range(latent.shape[2]):
             video, cache = self.decode_chunk(latent[:, :, t : t + 1], cache)
             yield video
+
+    def _finish(self, video: Tensor) -> Tensor:
+        return video.clamp(-1.0, 1.0) if self.config.wan_layout else video
 
     def _denormalize(self, latent: Tensor, first_frame: int = 0) -> Tensor:
         latent_mean, latent_std = self.config.latent_statistics(latent, first_frame)

@@ -18,11 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # Wan2.1 cleans prompts with ftfy; diffusers' WanPipeline applies it only when installed, and so do we
-    import ftfy
-except ImportError:
-    ftfy = None
-
 TEXT_ENCODER_KINDS = ("minilm", "t5", "umt5")
 
 
@@ -78,10 +73,11 @@ class TransformerTextEncoder:
 
 
 def clean_prompt(prompt: str) -> str:
-    """Wan's prompt cleaning (diffusers' `prompt_clean`): ftfy if installed, HTML entities unescaped twice,
+    """Wan's prompt cleaning (diffusers' `prompt_clean`): ftfy's text fixes, HTML entities unescaped twice,
     whitespace runs collapsed to one space."""
-    if ftfy is not None:
-        prompt = ftfy.fix_text(prompt)
+    import ftfy  # here, not at the top: engines import on GPU machines that carry only torch and triton
+
+    prompt = ftfy.fix_text(prompt)
     prompt = html.unescape(html.unescape(prompt)).strip()
     return re.sub(r"\s+", " ", prompt).strip()
 

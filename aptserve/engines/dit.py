@@ -36,12 +36,14 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-def rope_3d(grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+def rope_3d(
+    grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Rotation angles for every video token of an (F, H, W) grid, flattened f-major: (N, head_dim // 2)."""
     axes = []
     for size, dim in zip(grid, rope_axis_dims(head_dim)):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
-        axes.append(torch.arange(size, dtype=torch.float32, device=device)[:, None] * freqs[None])  # (size, dim/2)
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=dtype, device=device) / dim)
+        axes.append(torch.arange(size, dtype=dtype, device=device)[:, None] * freqs[None])  # (size, dim/2)
     f, h, w = grid
     angles = torch.cat(
         [

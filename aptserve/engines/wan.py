@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aptserve import kernels
-from aptserve.engines.dit import Mlp, RMSNorm, rope_axis_dims, timestep_embedding
+from aptserve.engines.dit import Mlp, RMSNorm, rope_3d, timestep_embedding
 
 # Modules kept out of FP8 (the quantiser's skip prefixes): embeddings, the shared modulation and the final layer.
 # Per-block and final tables are parameters, not linears, so they are never touched.
@@ -35,19 +35,7 @@ def wan_rope(grid: tuple[int, int, int], head_dim: int, theta: float, device: to
 
     Our 3D split and consecutive-pair layout; angles in fp64, rounded to fp32 after cos/sin, as Wan does (fp32
     angles would drift by ~1e-5 at positions near 100)."""
-    axes = []
-    for size, dim in zip(grid, rope_axis_dims(head_dim)):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
-        axes.append(torch.arange(size, dtype=torch.float64, device=device)[:, None] * freqs[None])  # (size, dim/2)
-    f, h, w = grid
-    angles = torch.cat(
-        [
-            axes[0][:, None, None].expand(f, h, w, -1),
-            axes[1][None, :, None].expand(f, h, w, -1),
-            axes[2][None, None, :].expand(f, h, w, -1),
-        ],
-        dim=-1,
-    ).reshape(f * h * w, head_dim // 2)
+    angles = rope_3d(grid, head_dim, theta, device, dtype=torch.float64)  # (N, head_dim // 2)
     return torch.stack([angles.cos(), angles.sin()]).float()
 
 

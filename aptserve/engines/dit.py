@@ -36,6 +36,25 @@ def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
+def token_grid(latent_shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The (F, H, W) token grid a latent of this shape patchifies to."""
+    f, h, w = latent_shape[-3:]
+    pf, ph, pw = patch_size
+    if f % pf or h % ph or w % pw:
+        raise ValueError(f"latent (F, H, W) = {(f, h, w)} is not divisible by patch size {patch_size}")
+    return f // pf, h // ph, w // pw
+
+
+def check_inputs(x: torch.Tensor, text: torch.Tensor, config) -> tuple[int, int, int]:
+    """A generator's inputs against its config (in_channels, text_dim, patch_size); returns the token grid."""
+    if x.shape[1] != config.in_channels or text.shape[-1] != config.text_dim:
+        raise ValueError(
+            f"expected {config.in_channels} latent channels and text dim {config.text_dim}; "
+            f"got {x.shape[1]} and {text.shape[-1]}"
+        )
+    return token_grid(x.shape, config.patch_size)
+
+
 def rope_3d(
     grid: tuple[int, int, int], head_dim: int, theta: float, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
@@ -283,13 +302,6 @@ class MMDiT(nn.Module):
         x = tokens.reshape(b, gf, gh, gw, c, pf, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, c, gf * pf, gh * ph, gw * pw)
 
-    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        f, h, w = latent_shape[-3:]
-        pf, ph, pw = self.config.patch_size
-        if f % pf or h % ph or w % pw:
-            raise ValueError(f"latent (F, H, W) = {(f, h, w)} is not divisible by patch size {self.config.patch_size}")
-        return f // pf, h // ph, w // pw
-
     def condition(self, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """The vector every block's modulation is computed from: time embedding + pooled text, (B, D)."""
         weights = text_mask.to(text.dtype)[..., None]  # (B, L, 1)
@@ -306,12 +318,7 @@ class MMDiT(nn.Module):
         return_features: tuple[int, ...] = (),
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Velocity (B, C, F, H, W); with `return_features`, also the video tokens after those block indices."""
-        if x.shape[1] != self.config.in_channels or text.shape[-1] != self.config.text_dim:
-            raise ValueError(
-                f"expected {self.config.in_channels} latent channels and text dim {self.config.text_dim}; "
-                f"got {x.shape[1]} and {text.shape[-1]}"
-            )
-        grid = self.token_grid(x.shape)
+        grid = check_inputs(x, text, self.config)
         video = self.video_embed(self.patchify(x))  # (B, Nv, D)
         text_tokens = self.text_embed(self.text_norm(text))  # (B, L, D)
         cond = self.condition(t, text, text_mask)  # (B, D)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aptserve import kernels
-from aptserve.engines.dit import Mlp, RMSNorm, rope_3d, timestep_embedding
+from aptserve.engines.dit import Mlp, RMSNorm, check_inputs, rope_3d, timestep_embedding
 
 # Modules kept out of FP8 (the quantiser's skip prefixes): embeddings, the shared modulation and the final layer.
 # Per-block and final tables are parameters, not linears, so they are never touched.
@@ -237,13 +237,6 @@ class WanTransformer(nn.Module):
             for table in [self.final_table, *(block.mod_table for block in self.blocks)]:
                 table.normal_(0.0, 0.0 if zero_out else 0.1, generator=generator)
 
-    def token_grid(self, latent_shape: tuple[int, ...]) -> tuple[int, int, int]:
-        f, h, w = latent_shape[-3:]
-        pf, ph, pw = self.config.patch_size
-        if f % pf or h % ph or w % pw:
-            raise ValueError(f"latent (F, H, W) = {(f, h, w)} is not divisible by patch size {self.config.patch_size}")
-        return f // pf, h // ph, w // pw
-
     def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, N, pf * ph * pw * C) in Wan's (pt, ph, pw, C) order -> (B, C, F, H, W)."""
         pf, ph, pw = self.config.patch_size
@@ -271,12 +264,7 @@ class WanTransformer(nn.Module):
         return_features: tuple[int, ...] = (),
     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Velocity (B, C, F, H, W); with `return_features`, also the video tokens after those block indices."""
-        if x.shape[1] != self.config.in_channels or text.shape[-1] != self.config.text_dim:
-            raise ValueError(
-                f"expected {self.config.in_channels} latent channels and text dim {self.config.text_dim}; "
-                f"got {x.shape[1]} and {text.shape[-1]}"
-            )
-        grid = self.token_grid(x.shape)
+        grid = check_inputs(x, text, self.config)
         video = self.patch_embedding(x).flatten(2).transpose(1, 2).contiguous()  # (B, N, D)
         text_tokens = self.text_embed(self.pad_text(text, text_mask))  # (B, text_len, D)
         # Wan's timestep input is 1000 * sigma: timestep_embedding applies that factor to our t in [0, 1].

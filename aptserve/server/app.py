@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
+from aptserve.engines.backends.options import RunOptions
 from aptserve.engines.config import MODEL_PRESETS, ModelConfig, parse_size
 from aptserve.engines.loading import read_config, resolve_model
 from aptserve.server.context import Services
@@ -75,7 +76,7 @@ def build_services(settings: Settings) -> Services:
     metrics.track_device_memory(device_memory_reader(device))
     scheduler = Scheduler(settings.max_queue, settings.max_batch_size, settings.batch_wait_ms / 1000)
     worker = EngineWorker(
-        lambda: load_pipeline(settings, device, dtype),
+        lambda: load_pipeline(settings, options, device, dtype),
         scheduler,
         warmup_plan(settings, config),
         settings.prompt_completion,
@@ -85,11 +86,10 @@ def build_services(settings: Settings) -> Services:
     return Services(settings, metrics, worker, store, generation, JobManager(generation, store), options, device)
 
 
-def load_pipeline(settings: Settings, device: str, dtype):
-    """The served pipeline: weights loaded, then the run options applied through one `prepare` call."""
+def load_pipeline(settings: Settings, options: RunOptions, device: str, dtype):
+    """The served pipeline: weights loaded, then the run options (checked at startup) applied in one `prepare` call."""
     from aptserve.engines.pipeline import Pipeline
 
-    options = settings.run_options()
     pipeline = Pipeline.from_name(settings.model, device, dtype, settings.text_cache_size, decoder=options.decoder)
     log.info("running %s", ", ".join(f"{k}={v}" for k, v in options.describe().items()))
     return options.apply(pipeline)

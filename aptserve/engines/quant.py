@@ -19,7 +19,7 @@ from aptserve.kernels.fp8 import quantize_fp8_rows as quantize_rows
 # cuBLASLt / CUTLASS FP8 GEMMs need both the reduction (K) and output (N) dims to be multiples of 16.
 _SCALED_MM_MULTIPLE = 16
 # Row-wise scaled GEMMs (one scale per row of A and per column of B) ship for sm90 (Hopper) in torch's CUTLASS path.
-_SCALED_MM_MIN_CAPABILITY = (9, 0)
+SCALED_MM_MIN_CAPABILITY = (9, 0)
 
 # MMDiT modules that keep their original precision: embeddings, the shared/final modulation and the final projection.
 # Per-block modulation tables are parameters, not linears, so they are never touched.
@@ -83,7 +83,7 @@ class FP8Linear(nn.Module):
         if not x.is_cuda or self.in_features % _SCALED_MM_MULTIPLE or self.out_features % _SCALED_MM_MULTIPLE:
             return False
         props = torch.cuda.get_device_properties(x.device)  # torch.compile constant-folds this call
-        return (props.major, props.minor) >= _SCALED_MM_MIN_CAPABILITY
+        return (props.major, props.minor) >= SCALED_MM_MIN_CAPABILITY
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
         """Row-wise scaled FP8 GEMM: A row-major (M, K), B column-major (K, N), scales (M, 1) and (1, N), bf16 out."""

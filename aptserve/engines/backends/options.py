@@ -15,12 +15,11 @@ import torch
 from aptserve import kernels
 from aptserve.engines.backends import BACKENDS, prepare
 from aptserve.engines.pipeline import DECODERS
+from aptserve.engines.quant import SCALED_MM_MIN_CAPABILITY
 from aptserve.kernels._triton import INTERPRETED
 
 SERVABLE_BACKENDS = tuple(b for b in BACKENDS if b != "tensorrt")  # TensorRT: an export path, not a serving backend
 COMPILERS = ("inductor", "aot_eager")
-# torch._scaled_mm's FP8 GEMM needs Ada (sm_89) or newer; elsewhere FP8Linear falls back to its emulation.
-FP8_MIN_CAPABILITY = (8, 9)
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class RunOptions:
             raise ValueError("cuda_graphs are captured by the compiled backend; set backend=compiled")
         if self.fp8_linears and not self.fp8_emulation and not _has_fp8_gemm(device):
             raise ValueError(
-                f"fp8_linears needs a GPU with FP8 GEMMs (sm_89 or newer); {device} has none: "
+                f"fp8_linears needs a GPU with FP8 GEMMs (torch._scaled_mm, sm_90 or newer); {device} has none: "
                 "set fp8_emulation to run the slow emulation anyway"
             )
         if self.bf16_blocks and not self.fp8_linears:
@@ -88,4 +87,5 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def _has_fp8_gemm(device: str) -> bool:
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return False
-    return torch.cuda.get_device_capability(torch.device(device)) >= FP8_MIN_CAPABILITY
+    # the capability at which FP8Linear takes torch._scaled_mm; below it, it falls back to its emulation
+    return torch.cuda.get_device_capability(torch.device(device)) >= SCALED_MM_MIN_CAPABILITY

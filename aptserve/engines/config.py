@@ -1,15 +1,28 @@
-"""A model = generator + VAE + text encoder + sampling defaults, as one dataclass; named presets in one dict."""
+"""A model = generator + VAE + text encoder + sampling defaults, as one dataclass; named presets in one dict.
+
+The generator is one of two architectures, named by `arch`: our MMDiT ("mmdit", `DiTConfig`) or Wan2.1's
+single-stream transformer ("wan2.1", `WanConfig`). Both take the same call, so everything past `build_generator`
+(sampling, backends, serving, training) is shared."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-from aptserve.engines.dit import DIT_PRESETS, DiTConfig
+from torch import nn
+
+from aptserve.engines.dit import DIT_PRESETS, DiTConfig, MMDiT
 from aptserve.engines.prompts import CaptionGrammar
 from aptserve.engines.text import TextEncoderConfig
 from aptserve.engines.vae import VAE_PRESETS, VAEConfig
+from aptserve.engines.wan import WAN_PRESETS, WanConfig, WanTransformer
+
+GENERATORS: dict[str, tuple[type, type[nn.Module]]] = {
+    "mmdit": (DiTConfig, MMDiT),
+    "wan2.1": (WanConfig, WanTransformer),
+}
 
 SIZE_MULTIPLE = 16  # VAE 8x spatial times patch 2
 
@@ -30,15 +43,22 @@ def parse_size(size: str | tuple[int, int]) -> tuple[int, int]:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    dit: DiTConfig
+    dit: DiTConfig | WanConfig  # the generator's shape: a DiTConfig for "mmdit", a WanConfig for "wan2.1"
     vae: VAEConfig
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    arch: str = "mmdit"
     default_size: tuple[int, int] = (64, 64)  # (W, H)
+    # The sizes served, (W, H) each; empty: any multiple of 16 (within the server's pixel limit).
+    sizes: tuple[tuple[int, int], ...] = ()
     fps: int = 24
     default_steps: int = 1  # 1 or 2 for an APT generator; a teacher uses many with guidance
     guidance_scale: float = 1.0  # only used by many-step (teacher) sampling
+    negative_prompt: str = ""  # the unconditional prompt of guided sampling, when a request names none
     sample_shift: float = 1.0  # timestep shift of the many-step schedule
     two_step_t: float = 0.5  # where the zero-shot second step re-noises to
+    # A few-step checkpoint's noise levels, 1.0 first and decreasing: a request for len(sample_sigmas) steps
+    # predicts x0 at each level and re-noises it to the next (one step is (1.0,)). Empty: none.
+    sample_sigmas: tuple[float, ...] = ()
     # The caption grammar the model was trained on (engines.prompts.CaptionGrammar.to_dict()), if any: prompts it
     # covers are completed into that form before text encoding. None: prompts are encoded as written.
     prompt_grammar: dict[str, Any] | None = None
@@ -47,13 +67,28 @@ class ModelConfig:
     light_decoder: str | None = None
 
     def __post_init__(self) -> None:
+        if self.arch not in GENERATORS:
+            raise ValueError(f"unknown generator arch {self.arch!r}; choose one of {sorted(GENERATORS)}")
+        if not isinstance(self.dit, GENERATORS[self.arch][0]):
+            raise ValueError(f"arch {self.arch!r} needs a {GENERATORS[self.arch][0].__name__}; got {self.dit!r}")
         if self.dit.in_channels != self.vae.latent_channels:
             raise ValueError(
                 f"generator in_channels {self.dit.in_channels} != VAE latent_channels {self.vae.latent_channels}"
             )
         if self.dit.text_dim != self.text.dim:
             raise ValueError(f"generator text_dim {self.dit.text_dim} != text encoder dim {self.text.dim}")
+        if isinstance(self.dit, WanConfig) and self.text.max_length > self.dit.text_len:
+            raise ValueError(
+                f"text encoder max_length {self.text.max_length} exceeds the generator's text_len {self.dit.text_len}"
+            )
         parse_size(self.default_size)
+        for size in self.sizes:
+            parse_size(tuple(size))
+        if self.sizes and tuple(self.default_size) not in self.sizes:
+            raise ValueError(f"default_size {self.default_size} is not one of sizes {self.sizes}")
+        sigmas = self.sample_sigmas
+        if sigmas and (sigmas[0] != 1.0 or sigmas[-1] <= 0 or any(a <= b for a, b in itertools.pairwise(sigmas))):
+            raise ValueError(f"sample_sigmas must start at 1.0 and decrease, staying above 0; got {sigmas}")
         if self.prompt_grammar is not None:
             try:
                 CaptionGrammar.from_dict(self.prompt_grammar)
@@ -75,7 +110,10 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Inverse of `to_dict` (JSON lists become tuples); unknown or missing keys raise ValueError."""
         data = dict(data)
-        for key, sub in (("dit", DiTConfig), ("vae", VAEConfig), ("text", TextEncoderConfig)):
+        arch = data.get("arch", "mmdit")
+        if arch not in GENERATORS:
+            raise ValueError(f"unknown generator arch {arch!r}; choose one of {sorted(GENERATORS)}")
+        for key, sub in (("dit", GENERATORS[arch][0]), ("vae", VAEConfig), ("text", TextEncoderConfig)):
             if key in data:
                 data[key] = _build(sub, data[key], key)
         return _build(cls, data, "model")
@@ -88,16 +126,34 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown keys in config section {where!r}: {unknown}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    values = {k: _tuples(v) for k, v in data.items()}
     try:
         return cls(**values)
     except TypeError as exc:
         raise ValueError(f"bad config section {where!r}: {exc}") from exc
 
 
+def _tuples(value: Any) -> Any:
+    """JSON lists, nested ones included, as the tuples the frozen configs hold."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def build_generator(config: ModelConfig) -> nn.Module:
+    """The generator module `config.arch` names, with `config.dit`'s shape (built on the current default device)."""
+    return GENERATORS[config.arch][1](config.dit)
+
+
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(name="tiny", dit=DIT_PRESETS["tiny"], vae=VAE_PRESETS["tiny"]),
     "apt-8b": ModelConfig(name="apt-8b", dit=DIT_PRESETS["apt-8b"], vae=VAE_PRESETS["wan"], default_size=(1280, 720)),
+    # The Wan2.1 architecture at toy size on the default text encoder: the Wan code path with no download.
+    "wan-tiny": ModelConfig(
+        name="wan-tiny",
+        arch="wan2.1",
+        dit=dataclasses.replace(WAN_PRESETS["wan-tiny"], text_dim=384, text_len=32),
+        vae=VAE_PRESETS["tiny"],
+        fps=16,
+    ),
 }
 
 

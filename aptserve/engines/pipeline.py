@@ -18,7 +18,7 @@ import torch
 
 from aptserve.engines import sampling
 from aptserve.engines.config import ModelConfig, frames_for_seconds, parse_size
-from aptserve.engines.loading import LoadedModel, load_light_decoder, load_model, load_text_encoder
+from aptserve.engines.loading import LoadedModel, cast_model, load_light_decoder, load_model, load_text_encoder
 from aptserve.engines.prompts import CaptionGrammar
 from aptserve.engines.text import CachedTextEncoder, TextEncoder
 
@@ -39,7 +39,7 @@ class GenerationRequest:
     frames: int
     steps: int = 1
     guidance_scale: float | None = None  # many-step (teacher) sampling only; None = the model's default
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # guided sampling only; None = the model's default
     complete_prompts: bool = True  # complete short prompts by the model's caption grammar, where it has one
 
     def __post_init__(self) -> None:
@@ -94,8 +94,8 @@ class Pipeline:
         self.text_encoder = text_encoder
         self.device = torch.device(device)
         self.dtype = dtype
-        self.dit = model.dit.to(self.device, dtype).eval()
-        self.vae = model.vae.to(self.device, dtype).eval()
+        self.dit = cast_model(model.dit.to(self.device), dtype).eval()
+        self.vae = cast_model(model.vae.to(self.device), dtype).eval()
         grammar = self.config.prompt_grammar
         self.grammar = CaptionGrammar.from_dict(grammar) if grammar is not None else None
 
@@ -185,27 +185,37 @@ class Pipeline:
         return (vae.latent_channels, vae.latents_for_frames(request.frames), request.height // 8, request.width // 8)
 
     def denoise(self, request: GenerationRequest, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Noise -> clean latent: one step, the zero-shot two-step variant, or Euler with CFG for a teacher."""
+        """Noise -> clean latent. A step count the model has a sigma list for (its `sample_sigmas`; one step is
+        (1.0,), two steps the zero-shot (1.0, two_step_t)) predicts and re-noises along it; any other count runs
+        Euler on the shifted schedule, with classifier-free guidance where the model or request asks for it."""
         shape = self.latent_shape(request)
         z = sampling.get_noise(request.seeds, shape, self.device).to(self.dtype)  # (B, C, F, H, W)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.dit(x, t.to(self.dtype), text, mask)
 
-        if request.steps == 1:
-            return sampling.one_step(velocity, z)
-        if request.steps == 2:
-            eps = sampling.get_noise([s + 1_000_003 for s in request.seeds], shape, self.device).to(self.dtype)
-            return sampling.two_step(velocity, z, eps, self.config.two_step_t)
+        if sigmas := self.sigmas_for(request.steps):
+            eps = [  # fresh noise per re-noising, seeded from the request so a sample repeats exactly
+                sampling.get_noise([s + 1_000_003 * k for s in request.seeds], shape, self.device).to(self.dtype)
+                for k in range(1, len(sigmas))
+            ]
+            return sampling.renoise(velocity, z, sigmas, eps)
         scale = self.config.guidance_scale if request.guidance_scale is None else request.guidance_scale
         if scale != 1.0:
-            neg_text, neg_mask = self.encode_text([request.negative_prompt] * len(request.prompts))
+            negative = self.config.negative_prompt if request.negative_prompt is None else request.negative_prompt
+            neg_text, neg_mask = self.encode_text([negative] * len(request.prompts))
 
             def uncond(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return self.dit(x, t.to(self.dtype), neg_text, neg_mask)
 
             velocity = sampling.guided(velocity, uncond, scale)
         return sampling.euler(velocity, z, request.steps, self.config.sample_shift)
+
+    def sigmas_for(self, steps: int) -> tuple[float, ...]:
+        """The sigma list a `steps`-step request re-noises along, or () when it integrates the flow instead."""
+        if self.config.sample_sigmas and steps == len(self.config.sample_sigmas):
+            return self.config.sample_sigmas
+        return {1: (1.0,), 2: (1.0, self.config.two_step_t)}.get(steps, ())
 
 
 def _check(cancelled: Callable[[], bool]) -> None:

@@ -39,14 +39,27 @@ def one_step(velocity: Velocity, z: torch.Tensor) -> torch.Tensor:
     return z - velocity(z, t)
 
 
+def renoise(velocity: Velocity, z: torch.Tensor, sigmas: Sequence[float], eps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Few-step sampling along a sigma list (1.0 first, decreasing): predict x0 from the noisiest sample, re-noise
+    it to the next sigma with fresh noise (eps[k] for sigmas[k + 1]) and predict again; the last x0 is returned.
+    (1.0,) is `one_step`; distilled few-step checkpoints ship their own list."""
+    if not sigmas or sigmas[0] != 1.0 or any(a <= b for a, b in itertools.pairwise(sigmas)) or sigmas[-1] <= 0:
+        raise ValueError(f"sigmas must start at 1.0 and decrease, staying above 0; got {list(sigmas)}")
+    if len(eps) != len(sigmas) - 1:
+        raise ValueError(f"need one noise tensor per re-noising ({len(sigmas) - 1}); got {len(eps)}")
+    x0 = one_step(velocity, z)
+    for sigma, noise in zip(sigmas[1:], eps):
+        t = torch.full((z.shape[0],), sigma, device=z.device)
+        x_t = add_noise(x0, noise, t)
+        x0 = x_t - sigma * velocity(x_t, t)
+    return x0
+
+
 def two_step(velocity: Velocity, z: torch.Tensor, eps: torch.Tensor, t_mid: float = 0.5) -> torch.Tensor:
     """Zero-shot two steps: one step, re-noise the estimate to `t_mid` with fresh noise `eps`, and step again."""
     if not 0.0 < t_mid < 1.0:
         raise ValueError(f"t_mid must lie in (0, 1); got {t_mid}")
-    x0 = one_step(velocity, z)
-    t = torch.full((z.shape[0],), t_mid, device=z.device)
-    x_mid = add_noise(x0, eps, t)
-    return x_mid - t_mid * velocity(x_mid, t)
+    return renoise(velocity, z, (1.0, t_mid), [eps])
 
 
 def timesteps(num_steps: int, shift_factor: float = 1.0) -> torch.Tensor:

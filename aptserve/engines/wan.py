@@ -200,6 +200,9 @@ class WanTransformer(nn.Module):
     """Predicts the flow-matching velocity v = eps - x0 for latent video x_t at time t given text tokens."""
 
     fp8_skip = WAN_SKIP
+    # Kept in fp32 whatever the model dtype (diffusers' _keep_in_fp32_modules under our names): the time embedding
+    # and the modulation tables, whose bf16 rounding shifts every modulated activation, and the cross-attention norm.
+    keep_fp32 = ("time_embed.", "mod_table", "final_table", "cross_norm.")
 
     def __init__(self, config: WanConfig):
         super().__init__()

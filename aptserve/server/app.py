@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from aptserve.engines.backends.options import RunOptions
 from aptserve.engines.config import MODEL_PRESETS, ModelConfig, parse_size
 from aptserve.engines.loading import read_config, resolve_model
+from aptserve.engines.wan_loading import is_wan_source
 from aptserve.server.context import Services
 from aptserve.server.errors import install_error_handlers
 from aptserve.server.generation import Generation
@@ -41,7 +42,8 @@ def model_name_and_config(spec: str) -> tuple[str, ModelConfig]:
     resolved = resolve_model(spec)
     if isinstance(resolved, str):
         return resolved, MODEL_PRESETS[resolved]
-    return resolved.name, read_config(resolved)
+    config = read_config(resolved)
+    return (config.name if is_wan_source(resolved) else resolved.name), config  # a Wan spec names its model
 
 
 def device_memory_reader(device: str):

@@ -60,6 +60,14 @@ class Generation:
             width, height = parse_size(params.size or config.default_size)
         except ValueError as exc:
             raise APIError(400, str(exc), "invalid_size", "size") from exc
+        if config.sizes and (width, height) not in config.sizes:
+            listed = ", ".join(f"{w}x{h}" for w, h in config.sizes)
+            raise APIError(
+                400,
+                f"size {width}x{height} is not served by this model; choose one of {listed}.",
+                "invalid_size",
+                "size",
+            )
         if width * height > s.max_pixels:
             raise APIError(
                 400,
@@ -74,6 +82,8 @@ class Generation:
             )
         seed = params.seed if params.seed is not None else random.randrange(2**31)
         steps = params.steps or config.default_steps
+        if steps > s.max_steps:
+            raise APIError(400, f"steps must be at most {s.max_steps}; got {steps}.", "invalid_steps", "steps")
         return self.build_request(
             request_id, params.prompt, seed, width, height, seconds, steps, params.fps or config.fps
         )

@@ -26,9 +26,11 @@ class VideoCreateParams(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000)
     model: str | None = None
     seconds: float | None = Field(None, description="clip length; sent as a string by the OpenAI SDK")
-    size: str | None = Field(None, description="WIDTHxHEIGHT, multiples of 16")
+    size: str | None = Field(
+        None, description="WIDTHxHEIGHT, multiples of 16, one of the model's sizes if it lists them"
+    )
     seed: int | None = Field(None, ge=0, lt=2**63)
-    steps: Literal[1, 2] | None = None
+    steps: int | None = Field(None, ge=1, description="denoising steps; default: the model's (1 for APT)")
     fps: int | None = Field(None, ge=1, le=60)
 
     @field_validator("prompt")
@@ -90,6 +92,12 @@ class ModelCard(BaseModel):
     owned_by: str = "aptserve"
     device: str | None = None  # ours: where it runs and how (backend, attention, FP8, decoder, ...)
     run_options: dict[str, Any] | None = None
+    # ours: what a request may ask of it
+    architecture: str | None = None
+    fps: int | None = None
+    default_size: str | None = None
+    sizes: list[str] | None = None  # None: any multiple of 16 within the server's pixel limit
+    default_steps: int | None = None
 
 
 class ModelList(BaseModel):

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     max_seconds: float = Field(10.0, gt=0, description="longest clip a client may ask for")
     max_pixels: int = Field(1280 * 720, ge=256, description="largest width x height a client may ask for")
     default_seconds: float = Field(2.0, gt=0, description="clip length when a request names none")
+    max_steps: int = Field(50, ge=1, description="most denoising steps a request may ask for (a guided base model)")
     text_cache_size: int = Field(1024, ge=1, description="prompt embeddings kept in the LRU cache")
     prompt_completion: bool = Field(
         True, description="complete short prompts by the model's caption grammar, where its checkpoint has one"

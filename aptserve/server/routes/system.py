@@ -41,11 +41,17 @@ async def metrics(services: ServicesDep) -> Response:
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
 async def list_models(services: ServicesDep) -> ModelList:
     """The model this server runs."""
+    config = services.generation.model_config
     card = ModelCard(
         id=services.model_name,
         created=services.started_at,
         device=services.device,
         run_options=services.run_options.describe(),
+        architecture=config.arch,
+        fps=config.fps,
+        default_size="{}x{}".format(*config.default_size),
+        sizes=["{}x{}".format(*size) for size in config.sizes] or None,
+        default_steps=config.default_steps,
     )
     return ModelList(data=[card])
 

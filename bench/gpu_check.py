@@ -1,4 +1,5 @@
-"""One-shot GPU check: bf16 matmul peak, attention, apt-8b one step, Wan-sized VAE decode, end to end, peak memory.
+"""One-shot GPU check: bf16 matmul peak, attention, apt-8b one step, Wan-sized VAE decode, end to end, Wan2.1 1.3B
+one step and Wan2.1 VAE decode, peak memory.
 
     PYTHONPATH=. python bench/gpu_check.py [--json results.json] [--budget-s 420] [--only dit,vae]  # one H100
     .venv/bin/python bench/gpu_check.py --tiny [--threads 1] [--json results.json]       # CPU, tiny shapes, CI
@@ -10,20 +11,21 @@ ones last (the first call, which compiles, is reported apart from the median), b
 Random weights throughout (apt-8b is built in bf16 directly on the GPU); end to end excludes text encoding (random
 text tokens: the server caches prompt encodings). `--tiny` runs the same code on the CPU in fp32 with one untimed
 warm-up fewer: tiny DiT at 64x64x49, the tiny VAE in the "wan" rows and a half-width decoder in the "wan-light"
-rows, small matmul and attention; Triton rows are skipped (they need CUDA), FP8 linears use their CPU emulation, and
-compiled rows use torch.compile's "aot_eager" backend unless `--compiler inductor` (inductor's C++ build takes
-minutes on a 2-core CI machine; tests/engines/test_backends.py checks inductor). Imports only torch and
+rows, wan-tiny and an 8-channel VAE in the Wan2.1 layout in the "wan2.1" rows, small matmul and attention; Triton
+rows are skipped (they need CUDA), FP8 linears use their CPU emulation, and compiled rows use torch.compile's
+"aot_eager" backend unless `--compiler inductor` (inductor's C++ build takes minutes on a 2-core CI machine;
+tests/engines/test_backends.py checks inductor). Imports only torch and
 `aptserve.engines` and `aptserve.kernels`: the GPU machine has no FastAPI or other server dependencies, and runs the
 checkout without installing it (hence PYTHONPATH=. there; a venv from the lock has the package installed).
 VAE rows decode latent frame by latent frame, as the server streams; a whole-clip decode at 1280x720x49 needs single
 16 GiB activations and ran out of memory beside the earlier rows on an 80 GB H100 (docs/PERF.md).
+The "wan2.1" rows run last, once apt-8b is freed: `--only wan2.1` runs just them (no other row's name contains it).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import resource
 import statistics
 import time
@@ -33,15 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from gpu_report import GIB, Report, Row, _free_memory, _sync, machine_info, relative_error, time_call
+from gpu_report import GIB, Report, Row, _free_memory, _sync, machine_info, print_table, relative_error, time_call
 
 from aptserve import kernels
 from aptserve.engines.backends.options import RunOptions
 from aptserve.engines.config import MODEL_PRESETS, ModelConfig
-from aptserve.engines.dit import MMDiT
-from aptserve.engines.flops import dit_flops
+from aptserve.engines.dit import DiTConfig, MMDiT
+from aptserve.engines.flops import FlopCount, latent_shape, mmdit_flops, wan_flops
 from aptserve.engines.quant import quantized_layer_names
 from aptserve.engines.vae import VAE_PRESETS, CausalVAE, VAEConfig
+from aptserve.engines.wan import WAN_PRESETS, WanConfig, WanTransformer
 from aptserve.kernels.attention import reference_attention
 from aptserve.kernels.triton_attention import unsupported_reason
 
@@ -66,6 +69,11 @@ ROWS: dict[str, str] = {
     "e2e eager fast path": "noise -> DiT (FP8, faster attention) -> light VAE chunks on the host; text encode excluded",
     "e2e compiled fast path": "as above with the compiled DiT and the compiled channels-last light VAE",
     "served fast path": "the worker's path on those modules: Pipeline.generate, uint8 chunks, the fMP4 encoder",
+    "wan2.1 eager sdpa": "Wan2.1 generator (1.3B) one step, SDPA attention, text padded to 512 tokens as Wan does",
+    "wan2.1 eager triton": "Wan2.1 generator, Triton attention",
+    "wan2.1 eager fp8 linears": "+ FP8 linears (WAN_SKIP modules in bf16), Triton attention (SDPA where it cannot run)",
+    "wan2.1 compiled fp8 linears": "+ torch.compile of the blocks",
+    "wan2.1 vae chunked": "Wan2.1's own VAE (126.9M), latent frame by latent frame, each chunk to host uint8",
     "peak memory": "largest device memory any row held (CPU: process peak RSS)",
 }
 
@@ -75,11 +83,32 @@ ROWS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
+class WanPlan:
+    """The "wan2.1" rows: generator, VAE and clip. Text is always generator.text_len tokens (Wan zero-pads to it)."""
+
+    generator: WanConfig
+    vae: VAEConfig
+    frames: int
+    width: int
+    height: int
+
+    @property
+    def latent(self) -> tuple[int, int, int]:
+        factor = self.vae.spatial_factor
+        return self.vae.latents_for_frames(self.frames), self.height // factor, self.width // factor
+
+    @property
+    def clip(self) -> str:
+        return f"{self.width}x{self.height}x{self.frames}"
+
+
+@dataclass(frozen=True)
 class Plan:
     device: str
     dtype: torch.dtype
     model: ModelConfig  # generator + Wan-sized VAE
     vae_light: VAEConfig
+    wan: WanPlan
     frames: int
     width: int
     height: int
@@ -101,25 +130,30 @@ class Plan:
 
     @property
     def video_tokens(self) -> int:
-        return dit_flops(self.model, self.frames, self.width, self.height, self.text_tokens).video_tokens
+        return workload_flops(self, "dit").video_tokens
 
 
 def full_plan(compiler: str) -> Plan:
-    """apt-8b at 1280x720x49 (46,800 video + 256 text tokens = 47,056), Wan-sized VAE, bf16 on the GPU."""
+    """apt-8b at 1280x720x49 (46,800 video + 256 text tokens = 47,056), Wan-sized VAE, bf16 on the GPU; Wan2.1 1.3B
+    and its VAE at 832x480x81 (latent 21x60x104: 32,760 video + 512 text tokens)."""
+    wan = WanPlan(WAN_PRESETS["wan2.1-1.3b"], VAE_PRESETS["wan2.1"], frames=81, width=832, height=480)
     return Plan(
         device="cuda", dtype=torch.bfloat16, model=MODEL_PRESETS["apt-8b"], vae_light=VAE_PRESETS["wan-light"],
-        frames=49, width=1280, height=720, text_tokens=256, matmul_n=8192, attn_heads=24, attn_head_dim=128,
+        wan=wan, frames=49, width=1280, height=720, text_tokens=256, matmul_n=8192, attn_heads=24, attn_head_dim=128,
         reference_rows=512, warmup=1, repeats=2, matmul_repeats=10, compiler=compiler, tiny=False,
         compile_reserve_s=90.0,
     )  # fmt: skip
 
 
 def tiny_plan(compiler: str) -> Plan:
-    """The same rows on the CPU in fp32: tiny DiT at 64x64x49 (208 + 32 tokens), tiny VAE and a half-width decoder."""
+    """The same rows on the CPU in fp32: tiny DiT at 64x64x49 (208 + 32 tokens), tiny VAE and a half-width decoder;
+    wan-tiny at 64x64x49 (208 + 16 tokens) and the Wan2.1 VAE layout at 8 base channels."""
     tiny = MODEL_PRESETS["tiny"]
     light = dataclasses.replace(tiny.vae, decoder_base_channels=8)
+    wan_vae = dataclasses.replace(VAE_PRESETS["wan2.1"], base_channels=8)
+    wan = WanPlan(WAN_PRESETS["wan-tiny"], wan_vae, frames=49, width=64, height=64)
     return Plan(
-        device="cpu", dtype=torch.float32, model=tiny, vae_light=light, frames=49, width=64, height=64,
+        device="cpu", dtype=torch.float32, model=tiny, vae_light=light, wan=wan, frames=49, width=64, height=64,
         text_tokens=32, matmul_n=512, attn_heads=4, attn_head_dim=64, reference_rows=64, warmup=0, repeats=1,
         matmul_repeats=5, compiler=compiler, tiny=True, compile_reserve_s=0.0,
     )  # fmt: skip
@@ -149,9 +183,11 @@ def attention_inputs(plan: Plan) -> dict[str, torch.Tensor]:
     return {"q": q, "k": k, "v": v, "mask": mask, "rows": rows, "reference": reference}
 
 
-def text_mask(plan: Plan) -> torch.Tensor:
-    mask = torch.zeros(1, plan.text_tokens, dtype=torch.bool, device=plan.device)
-    mask[:, : plan.text_tokens * 3 // 4] = True
+def text_mask(plan: Plan, tokens: int | None = None) -> torch.Tensor:
+    """(1, tokens) with the last quarter padding; `tokens` defaults to the plan's text_tokens."""
+    tokens = plan.text_tokens if tokens is None else tokens
+    mask = torch.zeros(1, tokens, dtype=torch.bool, device=plan.device)
+    mask[:, : tokens * 3 // 4] = True
     return mask
 
 
@@ -196,26 +232,39 @@ def attention_section(report: Report) -> None:
 # Generator
 
 
-def build_dit(plan: Plan) -> MMDiT:
-    """Random bf16 weights made directly on the device (apt-8b: about 16.5 GB), never in fp32 on the host."""
+def workload(plan: Plan, key: str) -> tuple[DiTConfig | WanConfig, tuple[int, int, int], int]:
+    """(generator config, latent (F, H, W), text tokens) of the apt-8b rows (key "dit") or the Wan2.1 rows ("wan")."""
+    if key == "wan":
+        return plan.wan.generator, plan.wan.latent, plan.wan.generator.text_len
+    return plan.model.dit, latent_shape(plan.model, plan.frames, plan.width, plan.height), plan.text_tokens
+
+
+def workload_flops(plan: Plan, key: str) -> FlopCount:
+    config, latent, text_tokens = workload(plan, key)
+    return (wan_flops if isinstance(config, WanConfig) else mmdit_flops)(config, latent, text_tokens)
+
+
+def build_dit(plan: Plan, key: str = "dit") -> MMDiT | WanTransformer:
+    """Random weights made directly on the device in the run's dtype (apt-8b: about 16.5 GB), never fp32 on the host."""
+    config = workload(plan, key)[0]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(plan.dtype)
     try:
         with torch.device(plan.device):
-            model = MMDiT(plan.model.dit)
+            model = WanTransformer(config) if isinstance(config, WanConfig) else MMDiT(config)
     finally:
         torch.set_default_dtype(previous)
     model.init_weights(torch.Generator(device=plan.device).manual_seed(0), zero_out=False)
     return model.eval().requires_grad_(False)
 
 
-def dit_inputs(plan: Plan) -> tuple[torch.Tensor, ...]:
+def dit_inputs(plan: Plan, key: str = "dit") -> tuple[torch.Tensor, ...]:
+    config, latent, text_tokens = workload(plan, key)
     g = torch.Generator(device=plan.device).manual_seed(1)
-    channels, latents = plan.model.vae.latent_channels, plan.model.vae.latents_for_frames(plan.frames)
-    z = torch.randn(1, channels, latents, plan.height // 8, plan.width // 8, device=plan.device, generator=g)
-    text = torch.randn(1, plan.text_tokens, plan.model.dit.text_dim, device=plan.device, generator=g)
+    z = torch.randn(1, config.in_channels, *latent, device=plan.device, generator=g)
+    text = torch.randn(1, text_tokens, config.text_dim, device=plan.device, generator=g)
     t = torch.ones(1, device=plan.device, dtype=plan.dtype)
-    return z.to(plan.dtype), t, text.to(plan.dtype), text_mask(plan)
+    return z.to(plan.dtype), t, text.to(plan.dtype), text_mask(plan, text_tokens)
 
 
 def run_options(plan: Plan, backend: str, attention: str = "auto", fp8: bool = False, **options: Any) -> RunOptions:
@@ -225,23 +274,26 @@ def run_options(plan: Plan, backend: str, attention: str = "auto", fp8: bool = F
     )
 
 
-def measure_dit(plan: Plan, state: dict[str, Any], backend: str, **options: Any) -> dict[str, Any]:
-    if "dit" not in state:
-        state["dit"], state["dit_inputs"] = build_dit(plan), dit_inputs(plan)
-    model = state["dit"]
+def measure_dit(plan: Plan, state: dict[str, Any], backend: str, key: str = "dit", **options: Any) -> dict[str, Any]:
+    """One step of the generator `key` names ("dit" or "wan"), built into `state[key]` by the first row that needs it."""
+    if key not in state:
+        state[key], state[f"{key}_inputs"] = build_dit(plan, key), dit_inputs(plan, key)
+    model = state[key]
     run_options(plan, backend, **options).apply(model)  # the call the server makes at load
-    inputs = state["dit_inputs"]
+    inputs = state[f"{key}_inputs"]
     with torch.inference_mode():
         seconds, first, out = time_call(lambda: model(*inputs), plan.device, plan.warmup, plan.repeats)
-    flops = dit_flops(plan.model, plan.frames, plan.width, plan.height, plan.text_tokens).total
+    flops = workload_flops(plan, key)
     note = f"attention {model.attention_impl}; first call {first:.2f} s"
+    if key == "wan":
+        note = f"{plan.wan.clip}, {flops.video_tokens} + {flops.text_tokens} tokens; {note}"
     if quantized_layer_names(model):
         note += f"; {len(quantized_layer_names(model))} FP8 linears ({fp8_kind(plan)})"
-    values: dict[str, Any] = {"seconds": seconds, "flops": flops, "note": note}
+    values: dict[str, Any] = {"seconds": seconds, "flops": flops.total, "note": note}
     if backend == "eager" and options == {"attention": "sdpa"}:
-        state["dit_reference"] = out
-    elif "dit_reference" in state:
-        values["error"] = relative_error(out, state["dit_reference"])
+        state[f"{key}_reference"] = out
+    elif f"{key}_reference" in state:
+        values["error"] = relative_error(out, state[f"{key}_reference"])
         values["note"] += "; error vs eager sdpa"
     return values
 
@@ -293,13 +345,9 @@ def dit_compiled_row(report: Report, state: dict[str, Any]) -> None:
     plan = report.plan
     skip = None if "dit" in state else "no generator (an earlier DiT row failed)"
     options = {"attention": state.get("fast_attention", "sdpa"), "fp8": True}
-    report.run(
-        "dit compiled fp8 linears",
-        lambda: measure_dit(plan, state, "compiled", **options),
-        skip,
-        plan.compile_reserve_s,
-    )
-    if report.rows["dit compiled fp8 linears"].status == "ok":
+    name = "dit compiled fp8 linears"
+    report.run(name, lambda: measure_dit(plan, state, "compiled", **options), skip, plan.compile_reserve_s)
+    if report.rows[name].status == "ok":
         state["dit_fast"] = state["dit"]
     else:
         state.pop("dit_fast", None)
@@ -318,9 +366,8 @@ VAE_VARIANTS = {  # row prefix -> (light decoder, channels-last, compiled)
 }
 
 
-def build_vae(plan: Plan, light: bool, channels_last: bool, compiled: bool) -> CausalVAE:
+def build_vae(plan: Plan, config: VAEConfig, channels_last: bool = False, compiled: bool = False) -> CausalVAE:
     torch.manual_seed(0)
-    config = plan.vae_light if light else plan.model.vae
     with torch.device(plan.device):
         vae = CausalVAE(config)
     vae = vae.to(plan.dtype).eval().requires_grad_(False)
@@ -344,23 +391,23 @@ def decode_chunked(vae: CausalVAE, latent: torch.Tensor, on_first: Callable[[], 
     return torch.cat(videos, dim=2)
 
 
-def vae_latent(plan: Plan) -> torch.Tensor:
+def vae_latent(plan: Plan, config: VAEConfig, latent: tuple[int, int, int]) -> torch.Tensor:
     g = torch.Generator(device=plan.device).manual_seed(2)
-    latents = plan.model.vae.latents_for_frames(plan.frames)
-    shape = (1, plan.model.vae.latent_channels, latents, plan.height // 8, plan.width // 8)
-    return torch.randn(shape, device=plan.device, generator=g).to(plan.dtype)
+    return torch.randn(1, config.latent_channels, *latent, device=plan.device, generator=g).to(plan.dtype)
 
 
 def measure_vae(plan: Plan, state: dict[str, Any], prefix: str) -> dict[str, Any]:
     key = f"vae:{prefix}"
+    light, channels_last, compiled = VAE_VARIANTS[prefix]
     if key not in state:
-        state[key] = build_vae(plan, *VAE_VARIANTS[prefix])
-    vae, latent = state[key], state.setdefault("latent", vae_latent(plan))
+        state[key] = build_vae(plan, plan.vae_light if light else plan.model.vae, channels_last, compiled)
+    if "latent" not in state:
+        state["latent"] = vae_latent(plan, plan.model.vae, workload(plan, "dit")[1])
+    vae, latent = state[key], state["latent"]
     with torch.inference_mode():
         seconds, first, video = time_call(lambda: decode_chunked(vae, latent), plan.device, plan.warmup, plan.repeats)
     shape = "x".join(str(s) for s in latent.shape[2:])
     values: dict[str, Any] = {"seconds": seconds, "note": f"latent {shape}; first call {first:.2f} s"}
-    light, channels_last, compiled = VAE_VARIANTS[prefix]
     reference_key = f"vae_reference:{light}"  # same light flag: same weights (seeded)
     if not (channels_last or compiled):
         state[reference_key] = video
@@ -483,35 +530,41 @@ def peak_memory_row(report: Report) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Table and main
+# Wan2.1
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+def measure_wan_vae(plan: Plan) -> dict[str, Any]:
+    vae = build_vae(plan, plan.wan.vae)
+    latent = vae_latent(plan, plan.wan.vae, plan.wan.latent)
+    with torch.inference_mode():
+        seconds, first, _ = time_call(lambda: decode_chunked(vae, latent), plan.device, plan.warmup, plan.repeats)
+    shape = "x".join(str(s) for s in latent.shape[2:])
+    return {"seconds": seconds, "note": f"{plan.wan.clip}, latent {shape}; first call {first:.2f} s"}
 
 
-def print_table(report: Report) -> None:
-    info = report.machine
-    device = info.get("gpu", f"CPU ({info['cpu']}, {info['threads']} threads)")
-    print(
-        f"{device}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}; "
-        f"{info['date']}; {info['dtype']}; {time.perf_counter() - report.start:.0f} s"
-    )
-    print()
-    print("| row | seconds | TFLOP/s | of matmul peak | rel. error | peak GiB | notes |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for row in report.rows.values():
-        notes = row.note if row.status == "ok" else f"{row.status}: {row.reason}"
-        cells = [
-            row.name,
-            _fmt(row.seconds, ".4f" if report.plan.tiny else ".3f"),
-            _fmt(row.tflops, ".3g"),
-            _fmt(row.peak_fraction, ".0%"),
-            _fmt(row.error, ".2e"),
-            _fmt(row.peak_gib, ".1f"),
-            notes.replace("|", "/"),
-        ]
-        print("| " + " | ".join(cells) + " |")
+def wan_section(report: Report) -> None:
+    """The Wan2.1 rows, with apt-8b already freed: the VAE decode, the eager generator rows, then the compiled one
+    on the eager FP8 row's model (its attention Triton where Triton runs)."""
+    plan, state = report.plan, {}
+    report.run("wan2.1 vae chunked", lambda: measure_wan_vae(plan))
+    _free_memory(plan.device)
+    no_triton = triton_skip(plan, fp8=False)
+    fast = {"attention": "sdpa" if no_triton else "triton", "fp8": True}
+    for name, options, skip in (
+        ("wan2.1 eager sdpa", {"attention": "sdpa"}, None),
+        ("wan2.1 eager triton", {"attention": "triton"}, no_triton),
+        ("wan2.1 eager fp8 linears", fast, None),
+    ):
+        report.run(name, lambda o=options: measure_dit(plan, state, "eager", "wan", **o), skip)
+    skip = None if "wan" in state else "no generator (an earlier Wan2.1 row failed)"
+    compiled = "wan2.1 compiled fp8 linears"
+    report.run(compiled, lambda: measure_dit(plan, state, "compiled", "wan", **fast), skip, plan.compile_reserve_s)
+    state.clear()
+    _free_memory(plan.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -560,6 +613,7 @@ def run_all(report: Report) -> None:
     served_row(report, state)
     state.clear()
     _free_memory(plan.device)
+    wan_section(report)
     peak_memory_row(report)
 
 

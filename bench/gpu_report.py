@@ -1,5 +1,5 @@
 """The one-shot GPU check's bookkeeping: a row per measurement, the report that guards, logs and saves them, timing,
-and the machine description. Torch only, like gpu_check.py (the GPU machine has no web stack)."""
+the machine description and the markdown table. Torch only, like gpu_check.py (the GPU machine has no web stack)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import platform
 import statistics
 import sys
@@ -161,3 +162,32 @@ def machine_info(plan: Any) -> dict[str, Any]:
             "gpu_memory_gib": props.total_memory / GIB,
         }
     return info
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def print_table(report: Report) -> None:
+    """Machine line, then one markdown row per Row in the report's (fixed) order, ready for docs/PERF.md."""
+    info = report.machine
+    device = info.get("gpu", f"CPU ({info['cpu']}, {info['threads']} threads)")
+    print(
+        f"{device}; torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}, Python {info['python']}; "
+        f"{info['date']}; {info['dtype']}; {time.perf_counter() - report.start:.0f} s"
+    )
+    print()
+    print("| row | seconds | TFLOP/s | of matmul peak | rel. error | peak GiB | notes |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for row in report.rows.values():
+        notes = row.note if row.status == "ok" else f"{row.status}: {row.reason}"
+        cells = [
+            row.name,
+            _fmt(row.seconds, ".4f" if report.plan.tiny else ".3f"),
+            _fmt(row.tflops, ".3g"),
+            _fmt(row.peak_fraction, ".0%"),
+            _fmt(row.error, ".2e"),
+            _fmt(row.peak_gib, ".1f"),
+            notes.replace("|", "/"),
+        ]
+        print("| " + " | ".join(cells) + " |")

@@ -29,6 +29,11 @@ EXPECTED_ROWS = [
     "e2e eager fast path",
     "e2e compiled fast path",
     "served fast path",
+    "wan2.1 eager sdpa",
+    "wan2.1 eager triton",
+    "wan2.1 eager fp8 linears",
+    "wan2.1 compiled fp8 linears",
+    "wan2.1 vae chunked",
     "peak memory",
 ]
 NEEDS_CUDA = {
@@ -37,6 +42,7 @@ NEEDS_CUDA = {
     "attention triton_int8",
     "dit eager triton",
     "dit eager fp8 linears + fp8 attention",
+    "wan2.1 eager triton",
 }
 
 
@@ -71,3 +77,11 @@ def test_tiny_gpu_check_reports_every_row(tmp_path: Path) -> None:
     assert "fMP4 encoder" in rows["served fast path"]["note"]  # the worker's path, encoder included
     for name in ("vae wan channels-last chunked", "vae wan compiled chunked"):
         assert rows[name]["error"] < 1e-5, name  # fp32: layouts and compilation agree with the eager decode
+
+    # Wan2.1 rows at wan-tiny: 64x64x49 is 208 video tokens, text always padded to its text_len of 16
+    assert _number(rows["wan2.1 eager sdpa"]["tflops"]) and "208 + 16 tokens" in rows["wan2.1 eager sdpa"]["note"]
+    for name in ("wan2.1 eager fp8 linears", "wan2.1 compiled fp8 linears"):
+        assert 1e-3 < rows[name]["error"] < 4e-2, name  # the FP8 emulation ran, against the eager sdpa step
+        # 7 linears in each of the 2 blocks; WAN_SKIP keeps the embeddings, modulation and final layer out
+        assert "14 FP8 linears" in rows[name]["note"], rows[name]
+    assert "latent 13x8x8" in rows["wan2.1 vae chunked"]["note"]

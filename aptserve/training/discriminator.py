@@ -1,5 +1,6 @@
-"""The APT discriminator and its losses: a fully trainable copy of the diffusion teacher whose video tokens at
-depths 16/26/36 of 36 are read by cross-attention heads, concatenated, normalised and projected to one logit."""
+"""The APT discriminator and its losses: a fully trainable copy of the diffusion teacher (MMDiT or Wan2.1) whose
+video tokens at depths 16/26/36 of 36 are read by cross-attention heads, concatenated, normalised and projected to
+one logit."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from aptserve import kernels
 from aptserve.engines.dit import Mlp, MMDiT
 from aptserve.engines.sampling import shift
+from aptserve.engines.wan import WanTransformer
 
 HEAD_FRACTIONS = (16 / 36, 26 / 36, 36 / 36)  # the paper's blocks 16, 26, 36 of 36
 LOSSES = ("nonsaturating", "relativistic")
@@ -34,7 +36,7 @@ class CrossAttentionHead(nn.Module):
     """A transformer block without self-attention: one learnable token cross-attends to every video token of a
     layer (pre-norm keys/values), then an MLP; the token is the block's output."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"head width {dim} is not divisible by {num_heads} attention heads")
@@ -46,7 +48,7 @@ class CrossAttentionHead(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
         self.mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, mlp_hidden)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         b, _, d = tokens.shape  # (B, N, D)
@@ -71,22 +73,43 @@ class _NoOutput(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.width)
 
 
+def drop_output_layer(backbone: MMDiT | WanTransformer) -> None:
+    """Replace the velocity output layer, which D never reads, by parameter-free zeros of the same widths: its
+    weights would get no gradient. The backbone's forward runs unchanged up to the output."""
+    config = backbone.config
+    if isinstance(backbone, MMDiT):
+        backbone.final_mod = _NoOutput(2 * config.hidden_size)
+        backbone.final_proj = _NoOutput(config.patch_dim)
+    elif isinstance(backbone, WanTransformer):
+        backbone.final_proj = _NoOutput(backbone.final_proj.out_features)
+        del backbone.final_table  # a parameter; zeros as a buffer keep forward's arithmetic valid
+        backbone.register_buffer("final_table", torch.zeros(1, 2, config.hidden_size), persistent=False)
+    else:
+        raise ValueError(f"no discriminator for a {type(backbone).__name__} teacher; expected MMDiT or WanTransformer")
+
+
+def mlp_width(backbone: MMDiT | WanTransformer) -> int:
+    """The hidden width of the backbone's block MLPs, which the heads' MLPs copy."""
+    config = backbone.config
+    return config.ffn_dim if isinstance(backbone, WanTransformer) else int(config.hidden_size * config.mlp_ratio)
+
+
 class Discriminator(nn.Module):
     """D(x, t, c) -> one logit per sample, for a clean latent x conditioned on t and the prompt."""
 
-    def __init__(self, teacher: MMDiT, fractions: tuple[float, ...] = HEAD_FRACTIONS):
+    def __init__(self, teacher: MMDiT | WanTransformer, fractions: tuple[float, ...] = HEAD_FRACTIONS):
         super().__init__()
         config = teacher.config
         self.blocks_read = head_blocks(config.depth, fractions)
         backbone = copy.deepcopy(teacher)  # APT: the original diffusion weights, every one trained
         backbone.requires_grad_(True)
         backbone.blocks = backbone.blocks[: self.blocks_read[-1] + 1]  # later blocks would feed no head
-        backbone.final_mod = _NoOutput(2 * config.hidden_size)
-        backbone.final_proj = _NoOutput(config.patch_dim)
+        drop_output_layer(backbone)
         backbone.attention_impl = TRAIN_ATTENTION
         self.backbone = backbone
         d = config.hidden_size
-        self.heads = nn.ModuleList(CrossAttentionHead(d, config.num_heads, config.mlp_ratio) for _ in fractions)
+        heads = (CrossAttentionHead(d, config.num_heads, mlp_width(teacher)) for _ in fractions)
+        self.heads = nn.ModuleList(heads)
         self.norm = nn.LayerNorm(len(fractions) * d, elementwise_affine=False, eps=1e-6)
         self.proj = nn.Linear(len(fractions) * d, 1)
 

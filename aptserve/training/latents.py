@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from aptserve.engines.config import ModelConfig
 from aptserve.engines.loading import load_text_encoder
 from aptserve.engines.text import TextEncoder, TextEncoderConfig
 from aptserve.engines.vae import CausalVAE, LatentNormalisation, VAEConfig, normalisation_tensors
@@ -138,6 +139,18 @@ class LatentSet:
         fields = {**self.__dict__, "latents": latents}
         fields |= dict(zip(("latent_mean", "latent_std", "first_frames_mean", "first_frames_std"), vae.normalisation))
         return LatentSet(**fields)
+
+
+def check_text_fits(latents: LatentSet, config: ModelConfig, where: str) -> None:
+    """Refuse a latent set whose text tokens the generator `config` describes cannot read: another width, or (Wan,
+    which zero-pads prompts to a fixed length) more tokens than that length. `where` names the checkpoint."""
+    _, length, dim = latents.text_tokens.shape
+    limit = getattr(config.dit, "text_len", None)
+    if dim != config.dit.text_dim or (limit is not None and length > limit):
+        raise ValueError(
+            f"the latent set's text tokens ({length} x {dim}) do not fit {where}'s generator (text_dim "
+            f"{config.dit.text_dim}, at most {limit or 'any'} tokens): encode the latents with its text encoder"
+        )
 
 
 def ensure_shorter_captions(latents: LatentSet, path: str | Path, text: TextEncoderConfig) -> LatentSet:

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from aptserve.engines.config import ModelConfig
+from aptserve.engines.config import ModelConfig, build_generator
 from aptserve.engines.dit import MMDiT
 from aptserve.engines.loading import load_components, save_checkpoint, storage_dtype
 from aptserve.engines.sampling import one_step
 from aptserve.engines.vae import CausalVAE
+from aptserve.engines.wan import WanTransformer
 from aptserve.training.common import EMA, RunDir, Trainer, seed_everything
 from aptserve.training.discriminator import (
     TRAIN_ATTENTION,
@@ -31,7 +32,7 @@ from aptserve.training.discriminator import (
     perturbation_std,
     sample_d_timesteps,
 )
-from aptserve.training.latents import LatentSet, ensure_shorter_captions
+from aptserve.training.latents import LatentSet, check_text_fits, ensure_shorter_captions
 
 log = logging.getLogger("aptserve.training.apt")
 OPTIMIZERS = ("adam", "rmsprop")
@@ -112,7 +113,7 @@ def set_learning_rates(parts: APTParts, step: int, cfg: APTStageConfig) -> None:
 class APTParts:
     """Everything a step updates, and everything a resumed run needs back."""
 
-    generator: MMDiT
+    generator: MMDiT | WanTransformer
     disc: Discriminator
     ema: EMA
     opt_g: torch.optim.Optimizer
@@ -137,7 +138,7 @@ class APTParts:
         self.opt_d.load_state_dict(state["opt_d"])
 
 
-def make_parts(teacher: MMDiT, generator: MMDiT, cfg: APTStageConfig) -> APTParts:
+def make_parts(teacher: MMDiT | WanTransformer, generator: MMDiT | WanTransformer, cfg: APTStageConfig) -> APTParts:
     """D from a copy of the teacher (the teacher itself is left untouched), G from the student, both trainable."""
     disc = Discriminator(teacher).to(cfg.device).train()
     generator = generator.to(cfg.device).train().requires_grad_(True)
@@ -147,7 +148,9 @@ def make_parts(teacher: MMDiT, generator: MMDiT, cfg: APTStageConfig) -> APTPart
     return APTParts(generator, disc, EMA(generator, cfg.ema_decay, cfg.ema_warmup), opt_g, opt_d)
 
 
-def generate(generator: MMDiT, z: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def generate(
+    generator: MMDiT | WanTransformer, z: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """G(z, c) = z - v(z, c, t=1): always the final timestep; CFG is already baked in by distillation."""
     return one_step(lambda x, t: generator(x, t, text, mask), z)
 
@@ -249,6 +252,11 @@ def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, Causal
     """Load teacher, student and latents; the returned config is what the exported one-step model carries."""
     teacher_config, teacher = load_components(cfg.teacher, ("dit", "vae"))
     student_config, student = load_components(cfg.generator, ("dit",))
+    if teacher_config.arch != student_config.arch:
+        raise ValueError(
+            f"{cfg.generator} is a {student_config.arch} generator but {cfg.teacher} a {teacher_config.arch} teacher: "
+            "the discriminator is the teacher, the generator must be distilled from it"
+        )
     normalisations = {c.vae.normalisation for c in (teacher_config, student_config)}
     if len(normalisations) > 1:
         raise ValueError(
@@ -258,17 +266,25 @@ def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, Causal
     data = LatentSet.load(cfg.latents)
     if cfg.shorter_captions > 0:
         data = ensure_shorter_captions(data, cfg.latents, teacher_config.text)
+    for where, model_config in ((cfg.teacher, teacher_config), (cfg.generator, student_config)):
+        check_text_fits(data, model_config, where)
     data = data.normalised_as(teacher_config.vae)
     parts = make_parts(teacher["dit"], student["dit"], cfg)
     config = dataclasses.replace(
-        teacher_config, name=Path(cfg.export).name, dit=student_config.dit, default_steps=1, guidance_scale=1.0
+        teacher_config,
+        name=Path(cfg.export).name,
+        arch=student_config.arch,
+        dit=student_config.dit,
+        default_steps=1,
+        guidance_scale=1.0,
+        sample_sigmas=(),  # a one-step generator: a teacher's few-step sigma list does not apply
     )
     return parts, data, config, teacher["vae"]
 
 
 def export(parts: APTParts, config: ModelConfig, vae: CausalVAE, cfg: APTStageConfig) -> Path:
     """The EMA generator with the teacher's VAE, as a full inference checkpoint."""
-    g_ema = MMDiT(parts.generator.config)
+    g_ema = build_generator(config)
     parts.ema.copy_to(g_ema)
     return save_checkpoint(cfg.export, config, {"dit": g_ema, "vae": vae}, storage_dtype(cfg.export_dtype))
 

@@ -1,5 +1,6 @@
-"""Stage 1: the flow-matching teacher. A text-conditioned MMDiT trained on precomputed VAE latents with
-classifier-free-guidance dropout; its EMA weights are exported with the VAE as a many-step sampler."""
+"""Stage 1: the flow-matching teacher. A text-conditioned generator (an MMDiT or Wan2.1 preset) trained on
+precomputed VAE latents with classifier-free-guidance dropout; its EMA weights are exported with the VAE as a
+many-step sampler."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from aptserve.engines.config import ModelConfig
-from aptserve.engines.dit import DIT_PRESETS, MMDiT
+from aptserve.engines.config import GENERATORS, ModelConfig, build_generator
+from aptserve.engines.dit import DIT_PRESETS, DiTConfig
 from aptserve.engines.loading import load_components, load_text_encoder, save_checkpoint, storage_dtype
 from aptserve.engines.sampling import add_noise, shift
+from aptserve.engines.text import TextEncoderConfig
 from aptserve.engines.vae import CausalVAE, VAEConfig
+from aptserve.engines.wan import WAN_PRESETS, WanConfig
 from aptserve.training.common import EMA, RunDir, Trainer, autocast, compute_dtype, seed_everything
 from aptserve.training.data import caption_grammar
 from aptserve.training.latents import LatentSet, ensure_shorter_captions, precompute
@@ -39,7 +43,7 @@ class DiffusionStageConfig:
     frames: int = 49
     height: int = 64
     width: int = 64
-    dit: str = "tiny"  # generator preset
+    dit: str = "tiny"  # generator preset: an MMDiT one (engines.dit.DIT_PRESETS) or a Wan2.1 one (WAN_PRESETS)
     # A teacher checkpoint folder to continue from (its DiT weights start the model and the EMA; the optimiser starts
     # fresh, with the warm-up): more training for a teacher whose run folder is gone. Its DiT config and latent
     # normalisation must be the ones this config trains, unless `init_other_normalisation`: then a teacher trained
@@ -92,6 +96,17 @@ def ensure_latents(
 
 
 LATENT_NORMS = ("vae", "channel", "frames")
+GENERATOR_PRESETS = (*DIT_PRESETS, *WAN_PRESETS)
+
+
+def generator_preset(name: str, text: TextEncoderConfig) -> tuple[str, DiTConfig | WanConfig]:
+    """A generator preset's arch and shape: an MMDiT one as it is, a Wan2.1 one with its text input sized to the
+    text encoder (it reads `max_length` tokens, zero-padded)."""
+    if name in DIT_PRESETS:
+        return "mmdit", DIT_PRESETS[name]
+    if name in WAN_PRESETS:
+        return "wan2.1", dataclasses.replace(WAN_PRESETS[name], text_dim=text.dim, text_len=text.max_length)
+    raise ValueError(f"unknown generator preset {name!r}; choose one of {list(GENERATOR_PRESETS)}")
 
 
 def latent_normalisation(latents: LatentSet, vae: VAEConfig, kind: str, first_frames: int = 3) -> VAEConfig:
@@ -122,7 +137,7 @@ def drop_text(text: torch.Tensor, mask: torch.Tensor, latents: LatentSet, p: flo
     return torch.where(drop[:, None, None], empty_text, text), torch.where(drop[:, None], empty_mask, mask)
 
 
-def flow_matching_loss(model: MMDiT, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, t: torch.Tensor):
+def flow_matching_loss(model: nn.Module, x0: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, t: torch.Tensor):
     eps = torch.randn_like(x0)
     v = model(add_noise(x0, eps, t), t, text, mask)
     return F.mse_loss(v, eps - x0)
@@ -133,7 +148,7 @@ def lr_at(step: int, cfg: DiffusionStageConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
-def load_init(model: MMDiT, folder: str, vae_config: VAEConfig, other_normalisation: bool = False) -> None:
+def load_init(model: nn.Module, folder: str, vae_config: VAEConfig, other_normalisation: bool = False) -> None:
     """Copy a teacher checkpoint's DiT weights into `model`, refusing one of another shape, and one trained in
     another latent space unless `other_normalisation` says the run is meant to move it there."""
     config, modules = load_components(folder, ("dit",))
@@ -150,7 +165,7 @@ def load_init(model: MMDiT, folder: str, vae_config: VAEConfig, other_normalisat
     log.info("initialised from %s", folder)
 
 
-def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig, vae_config: VAEConfig) -> Path:
+def export_teacher(model: nn.Module, ema: EMA, cfg: DiffusionStageConfig, vae_config: VAEConfig) -> Path:
     base, modules = load_components(cfg.vae, ("vae",))
     vae = CausalVAE(vae_config)
     vae.load_state_dict(modules["vae"].state_dict())
@@ -159,6 +174,7 @@ def export_teacher(model: MMDiT, ema: EMA, cfg: DiffusionStageConfig, vae_config
         base,
         vae=vae_config,
         name=Path(cfg.export).name,
+        arch=next(arch for arch, (_, cls) in GENERATORS.items() if isinstance(model, cls)),
         dit=model.config,
         default_steps=cfg.sample_steps,
         guidance_scale=cfg.guidance_scale,
@@ -173,6 +189,8 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
     storage_dtype(cfg.export_dtype)  # bad names fail now, not at export or after the latents are encoded
     if cfg.latent_norm not in LATENT_NORMS:
         raise ValueError(f"unknown latent_norm {cfg.latent_norm!r}; choose one of {LATENT_NORMS}")
+    if cfg.dit not in GENERATOR_PRESETS:
+        raise ValueError(f"unknown generator preset {cfg.dit!r}; choose one of {list(GENERATOR_PRESETS)}")
     compute_dtype(cfg.compute_dtype)
     seed_everything(cfg.seed)
     latents = ensure_latents(
@@ -191,7 +209,8 @@ def train_diffusion(cfg: DiffusionStageConfig, progress: bool = True) -> Path:
         latents = ensure_shorter_captions(latents, cfg.latents, vae_model_config.text)
     vae_config = latent_normalisation(latents, vae_model_config.vae, cfg.latent_norm, cfg.latent_first_frames)
     latents = latents.normalised_as(vae_config)
-    model = MMDiT(DIT_PRESETS[cfg.dit])
+    arch, dit = generator_preset(cfg.dit, vae_model_config.text)
+    model = build_generator(dataclasses.replace(vae_model_config, arch=arch, dit=dit))
     model.init_weights(torch.Generator().manual_seed(cfg.seed))
     if cfg.init is not None:
         load_init(model, cfg.init, vae_config, cfg.init_other_normalisation)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from aptserve.engines.dit import MMDiT
+from aptserve.engines.config import build_generator
 from aptserve.engines.loading import load_components, save_checkpoint, storage_dtype
 from aptserve.engines.sampling import add_noise, timesteps
 from aptserve.training.common import EMA, RunDir, Trainer, seed_everything
-from aptserve.training.latents import LatentSet, ensure_shorter_captions
+from aptserve.training.latents import LatentSet, check_text_fits, ensure_shorter_captions
 
 log = logging.getLogger("aptserve.training.distill")
 
@@ -42,13 +43,13 @@ class DistillStageConfig:
     log_every: int = 25
 
 
-def consistency(model: MMDiT, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor):
+def consistency(model: nn.Module, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor):
     """f(x, t) = x - t * v(x, t): the clean-sample estimate; f(x, 0) = x by construction."""
     return x - t.view(-1, 1, 1, 1, 1) * model(x, t, text, mask)
 
 
 @torch.no_grad()
-def teacher_step(teacher: MMDiT, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, text, mask, empty, scale):
+def teacher_step(teacher: nn.Module, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, text, mask, empty, scale):
     """One Euler step of the guided teacher ODE from t to t_prev."""
     v = teacher(x, t, text, mask)
     if scale != 1.0:
@@ -74,15 +75,16 @@ def train_distill(cfg: DistillStageConfig, progress: bool = True) -> Path:
     config, modules = load_components(cfg.teacher)
     teacher = modules["dit"].requires_grad_(False)
     scale = config.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale
-    student = MMDiT(config.dit)
+    student = build_generator(config)  # the teacher's architecture, MMDiT or Wan2.1
     student.load_state_dict(teacher.state_dict())
     student.train()
     target = EMA(student, cfg.target_ema) if cfg.target_ema > 0 else None
-    target_model = student if target is None else MMDiT(config.dit).requires_grad_(False)
+    target_model = student if target is None else build_generator(config).requires_grad_(False)
     export_ema = EMA(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
     latents = LatentSet.load(cfg.latents)
     if cfg.shorter_captions > 0:
         latents = ensure_shorter_captions(latents, cfg.latents, config.text)
+    check_text_fits(latents, config, cfg.teacher)
     latents = latents.normalised_as(config.vae)  # the teacher's latent space
     schedule = timesteps(cfg.num_timesteps, cfg.schedule_shift).flip(0)  # increasing: 0 ... 1
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)

@@ -168,6 +168,10 @@ def test_fp8_linears_via_run_options_skip_embeddings_and_final_layer():
     err = ((out - expected).norm() / expected.norm()).item()
     assert 0 < err < FP8_BOUND, f"FP8 relative error {err:.4f}"
 
+    kept = our_copy(diffusers_model())  # --bf16-blocks: the named blocks keep every linear out of FP8
+    RunOptions(fp8_linears=True, fp8_emulation=True, bf16_blocks=(1,)).apply(kept)
+    assert sorted(quantized_layer_names(kept)) == sorted(n for n in names if n.startswith("blocks.0."))
+
 
 @torch.no_grad()
 def test_torch_compile_matches_eager():

@@ -126,16 +126,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown keys in config section {where!r}: {unknown}")
-    values = {k: _tuples(v) for k, v in data.items()}
+    values = {k: tuples(v) for k, v in data.items()}
     try:
         return cls(**values)
     except TypeError as exc:
         raise ValueError(f"bad config section {where!r}: {exc}") from exc
 
 
-def _tuples(value: Any) -> Any:
+def tuples(value: Any) -> Any:
     """JSON lists, nested ones included, as the tuples the frozen configs hold."""
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+    return tuple(tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def build_generator(config: ModelConfig) -> nn.Module:

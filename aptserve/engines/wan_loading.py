@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from aptserve.engines import wan_formats
-from aptserve.engines.config import ModelConfig
+from aptserve.engines.config import ModelConfig, tuples
 from aptserve.engines.loading import CheckpointError, LoadedModel, assign_weights
 from aptserve.engines.text import TextEncoderConfig
 from aptserve.engines.vae import VAE_PRESETS, CausalVAE, VAEConfig
@@ -251,7 +251,7 @@ def wan_config(folder: Path, spec: dict[str, Any], dtype: torch.dtype) -> ModelC
     dit = transformer_config(folder)
     sampling: dict[str, Any] = {"sizes": WAN_SIZES, "fps": 16, "negative_prompt": WAN_NEGATIVE_PROMPT}
     sampling |= {"sample_shift": scheduler_shift(folder), **BASE_SAMPLING}
-    sampling |= {key: _tuples(spec[key]) for key in SAMPLING_KEYS if key in spec}
+    sampling |= {key: tuples(spec[key]) for key in SAMPLING_KEYS if key in spec}
     sampling.setdefault("default_size", sampling["sizes"][0] if sampling["sizes"] else WAN_SIZES[0])
     if spec.get("sample_sigmas"):  # a few-step checkpoint: its own step count, no guidance unless it says so
         sampling["default_steps"] = spec.get("default_steps", len(spec["sample_sigmas"]))
@@ -267,10 +267,6 @@ def wan_config(folder: Path, spec: dict[str, Any], dtype: torch.dtype) -> ModelC
         )
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"Wan checkpoint {folder}: bad sampling settings: {exc}") from exc
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 # ---------------------------------------------------------------------------------------------------------------

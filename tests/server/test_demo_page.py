@@ -59,6 +59,8 @@ def test_demo_page_streams_and_plays_a_clip(live_server, page, tmp_path):
     page.goto(live_server.url + "/")
     page.wait_for_function("() => window.aptserve && window.aptserve.state.connected", timeout=TIMEOUT_MS)
 
+    page.wait_for_function("() => document.getElementById('size').value !== ''", timeout=TIMEOUT_MS)
+    assert page.input_value("#size") == "64x64"  # the model's default size, from /v1/models
     page.fill("#prompt", "a red circle moving left")
     page.fill("#seed", "7")
     page.click("#generate")

@@ -250,5 +250,5 @@ def test_train_apt_refuses_a_generator_of_another_architecture(work, tmp_path):
         steps=1,
         batch_size=2,
     )
-    with pytest.raises(ValueError, match="is a mmdit generator but .* a wan2.1 teacher"):
+    with pytest.raises(ValueError, match=r"is a mmdit generator but .* a wan2\.1 teacher"):
         train_apt(cfg, progress=False)

@@ -9,6 +9,7 @@ every block, which adds its own learned table (PixArt-alpha's adaLN-single, appl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -268,6 +269,8 @@ class MMDiT(nn.Module):
         self.final_mod = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
         self.final_proj = nn.Linear(d, config.patch_dim)
         self.attention_impl = "auto"
+        # Called after every block, e.g. a cancellation check that raises; not where the whole forward is one graph.
+        self.between_blocks: Callable[[], None] | None = None
 
     def init_weights(self, generator: torch.Generator | None = None, zero_out: bool = True) -> None:
         """Xavier linears. With `zero_out` (training from scratch) gates and output start at zero so every block
@@ -331,6 +334,8 @@ class MMDiT(nn.Module):
             video, text_tokens = block(video, text_tokens, mod, rope, key_padding_mask, self.attention_impl)
             if i in return_features:
                 features.append(video)
+            if not torch.compiler.is_compiling() and self.between_blocks is not None:
+                self.between_blocks()
         shift, scale = self.final_mod(cond).chunk(2, dim=-1)
         out = self.unpatchify(self.final_proj(modulate(self.final_norm(video), shift, scale)), grid)
         return (out, features) if return_features else out

@@ -24,10 +24,13 @@ from aptserve.engines.text import CachedTextEncoder, TextEncoder
 
 STAGES = ("text_encode", "dit", "vae_decode")
 DECODERS = ("full", "light")  # the VAE's own decoder, or the model's distilled light one (ModelConfig.light_decoder)
+# Sequence length at which a generator pass spends about as much on attention as on its linears (apt-8b at 720p x 49
+# frames: 0.98 vs 0.77 PFLOP, DESIGN.md 3): past it a token costs more, since attention grows with the square.
+ATTENTION_TOKENS = 46_800
 
 
 class Cancelled(Exception):
-    """Raised inside `generate` when its `cancelled` callback says so between stages or chunks."""
+    """Raised inside `generate` when its `cancelled` callback says so: between stages, chunks and generator blocks."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,30 @@ def resolve_device(device: str | None = None, dtype: str | None = None) -> tuple
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype!r}")
     return device, getattr(torch, dtype)
+
+
+def sigma_list(config: ModelConfig, steps: int) -> tuple[float, ...]:
+    """The sigma list a `steps`-step request re-noises along, or () when it integrates the flow instead."""
+    if config.sample_sigmas and steps == len(config.sample_sigmas):
+        return config.sample_sigmas
+    return {1: (1.0,), 2: (1.0, config.two_step_t)}.get(steps, ())
+
+
+def generator_passes(config: ModelConfig, steps: int) -> int:
+    """Generator forward passes per sample at the model's guidance: one per step, two per step when guided."""
+    return steps if sigma_list(config, steps) or config.guidance_scale == 1.0 else 2 * steps
+
+
+def request_cost(config: ModelConfig, width: int, height: int, frames: int, steps: int) -> int:
+    """Estimated work of one sample, in token-passes: one video token through one generator pass at short sequence
+    length. Each pass costs tokens x (1 + tokens / ATTENTION_TOKENS); the decoder adds one token-pass per token's
+    worth of decoded pixels (4 frames x 16 x 16 for a 4x8x8 VAE and 1x2x2 patches)."""
+    vae, (pf, ph, pw) = config.vae, config.dit.patch_size
+    cell = vae.spatial_factor
+    tokens = vae.latents_for_frames(frames) // pf * (height // (cell * ph)) * (width // (cell * pw))
+    per_pass = tokens + tokens * tokens // ATTENTION_TOKENS
+    pixels_per_token = vae.temporal_factor * pf * cell * ph * cell * pw
+    return generator_passes(config, steps) * per_pass + frames * width * height // pixels_per_token
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -139,13 +166,14 @@ class Pipeline:
     def generate(
         self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False
     ) -> Iterator[FrameChunk]:
-        """Run one request; yields chunks as the VAE decodes them. `cancelled` is polled between stages and chunks."""
+        """Run one request; yields chunks as the VAE decodes them. `cancelled` is polled between stages, between
+        decode chunks and after every generator block (on CUDA: as the block is launched)."""
         timings = dict.fromkeys(STAGES, 0.0)
         with torch.inference_mode():
             with _timed(timings, "text_encode", self.device):
                 text, mask = self.encode_text(self.complete_prompts(request).prompts)
             _check(cancelled)
-            with _timed(timings, "dit", self.device):
+            with _timed(timings, "dit", self.device), _checked_between_blocks(self.dit, cancelled):
                 latent = self.denoise(request, text, mask)
             _check(cancelled)
             num_chunks = latent.shape[2]
@@ -194,7 +222,7 @@ class Pipeline:
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.dit(x, t.to(self.dtype), text, mask)
 
-        if sigmas := self.sigmas_for(request.steps):
+        if sigmas := sigma_list(self.config, request.steps):
             eps = [  # fresh noise per re-noising, seeded from the request so a sample repeats exactly
                 sampling.get_noise([s + 1_000_003 * k for s in request.seeds], shape, self.device).to(self.dtype)
                 for k in range(1, len(sigmas))
@@ -211,16 +239,20 @@ class Pipeline:
             velocity = sampling.guided(velocity, uncond, scale)
         return sampling.euler(velocity, z, request.steps, self.config.sample_shift)
 
-    def sigmas_for(self, steps: int) -> tuple[float, ...]:
-        """The sigma list a `steps`-step request re-noises along, or () when it integrates the flow instead."""
-        if self.config.sample_sigmas and steps == len(self.config.sample_sigmas):
-            return self.config.sample_sigmas
-        return {1: (1.0,), 2: (1.0, self.config.two_step_t)}.get(steps, ())
-
 
 def _check(cancelled: Callable[[], bool]) -> None:
     if cancelled():
         raise Cancelled("generation cancelled")
+
+
+@contextmanager
+def _checked_between_blocks(dit: torch.nn.Module, cancelled: Callable[[], bool]):
+    """Poll `cancelled` after every generator block while open, through the generator's `between_blocks` hook."""
+    dit.between_blocks = lambda: _check(cancelled)
+    try:
+        yield
+    finally:
+        dit.between_blocks = None
 
 
 @contextmanager

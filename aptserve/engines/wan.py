@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -219,6 +220,7 @@ class WanTransformer(nn.Module):
         self.final_table = nn.Parameter(torch.zeros(1, 2, d))  # shift, scale; added to the time embedding directly
         self.final_proj = nn.Linear(d, config.patch_volume * config.out_channels)  # rows ordered (pt, ph, pw, C)
         self.attention_impl = "auto"
+        self.between_blocks: Callable[[], None] | None = None  # as MMDiT's: called after every block
 
     def init_weights(self, generator: torch.Generator | None = None, zero_out: bool = True) -> None:
         """Xavier linears and convs, unit norms. With `zero_out` (training from scratch) the output projection and
@@ -280,6 +282,8 @@ class WanTransformer(nn.Module):
             video = block(video, text_tokens, mod, rope, self.attention_impl)
             if i in return_features:
                 features.append(video)
+            if not torch.compiler.is_compiling() and self.between_blocks is not None:
+                self.between_blocks()
         shift, scale = (self.final_table.float() + temb.float()[:, None]).unbind(1)  # (B, D) each
         video = (self.final_norm(video) * (1 + scale[:, None]) + shift[:, None]).to(video.dtype)
         out = self.unpatchify(self.final_proj(video), grid)

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import os
 import queue
+import select
 import subprocess
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
-from os import PathLike
 
 import imageio_ffmpeg
 import numpy as np
@@ -79,6 +80,9 @@ def ffmpeg_command(
     return [
         imageio_ffmpeg.get_ffmpeg_exe(),
         *("-hide_banner", "-nostats", "-loglevel", "error"),
+        # The raw input's format is given, yet ffmpeg would probe it for 5 s of stream time before encoding: below
+        # 5 fps that is more frames than a streamed chunk, so nothing came out. The smallest probe ends it at once.
+        *("-probesize", "32"),
         *("-f", "rawvideo", "-pix_fmt", "rgb24", "-video_size", f"{width}x{height}", "-framerate", str(fps)),
         *("-i", "pipe:0", "-an", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency"),
         # baseline so MSE takes it as avc1.42C0xx; no B-frames or scene cuts, so keyframes sit only at chunk starts
@@ -136,6 +140,7 @@ class FragmentedMP4Encoder:
         cmd = ffmpeg_command(width, height, fps, crf, self.schedule, extra_args)
         pipe = subprocess.PIPE
         self._proc = subprocess.Popen(cmd, stdin=pipe, stdout=pipe, stderr=pipe, bufsize=0)
+        os.set_blocking(self._proc.stdin.fileno(), False)  # writes wait in select, which has a timeout
         # The threads hold the pipes, never self, so a forgotten encoder is still collected and ffmpeg gets EOF.
         self._stdout_thread = threading.Thread(target=_drain_stdout, args=(self._proc.stdout, self._out), daemon=True)
         self._stderr_thread = threading.Thread(
@@ -172,12 +177,7 @@ class FragmentedMP4Encoder:
         """
         self._check_open()
         frames = self._check_frames(frames)
-        view = memoryview(frames.reshape(-1))  # flat bytes: slicing a view below counts bytes
-        try:
-            while view:  # an unbuffered pipe write may take only part of a large chunk
-                view = view[self._proc.stdin.write(view) :]
-        except (OSError, ValueError):  # ValueError: abort() closed stdin from another thread
-            raise self._failure("ffmpeg stopped reading frames") from None
+        self._send(memoryview(frames.reshape(-1)))  # flat bytes: slicing the view counts bytes
         self.frames_written += len(frames)
         return self._collect(block=wait)
 
@@ -210,6 +210,18 @@ class FragmentedMP4Encoder:
         if self._state != "open":
             why = {"closed": "is closed", "aborted": "was aborted", "failed": "failed earlier"}[self._state]
             raise EncoderError(f"the encoder {why}: it takes no more frames")
+
+    def _send(self, view: memoryview) -> None:
+        """Write all of `view` to ffmpeg's (non-blocking) stdin; fail once it has taken nothing for `timeout` s, so a
+        stalled ffmpeg cannot hold the writing thread."""
+        stdin = self._proc.stdin
+        try:
+            while view:  # a pipe write may take only part of a large chunk
+                if not select.select([], [stdin], [], self.timeout)[1]:
+                    raise self._failure(f"ffmpeg took no frames within {self.timeout} s")
+                view = view[stdin.write(view) or 0 :]  # None: the pipe filled up again since select
+        except (OSError, ValueError):  # ValueError: abort() closed stdin from another thread
+            raise self._failure("ffmpeg stopped reading frames") from None
 
     def _check_frames(self, frames: np.ndarray) -> np.ndarray:
         frames = np.asarray(frames)
@@ -313,7 +325,7 @@ def encode_mp4(frames: Frames, width: int, height: int, fps: float = 24, crf: in
 
 
 def write_mp4(
-    path: str | PathLike[str], chunks: Frames, width: int, height: int, fps: float = 24, crf: int = 23
+    path: str | os.PathLike[str], chunks: Frames, width: int, height: int, fps: float = 24, crf: int = 23
 ) -> int:
     """Encode chunks to a fragmented MP4 file, writing pieces as they come; return the number of bytes written."""
     written = 0

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aptserve.engines.config import ModelConfig, frames_for_seconds, parse_size
+from aptserve.engines.pipeline import request_cost
 from aptserve.media.encoder import EncoderError, FragmentedMP4Encoder
 from aptserve.server.errors import APIError
 from aptserve.server.metrics import Metrics
@@ -84,9 +85,21 @@ class Generation:
         steps = params.steps or config.default_steps
         if steps > s.max_steps:
             raise APIError(400, f"steps must be at most {s.max_steps}; got {steps}.", "invalid_steps", "steps")
-        return self.build_request(
-            request_id, params.prompt, seed, width, height, seconds, steps, params.fps or config.fps
-        )
+        fps = params.fps or config.fps
+        self._check_cost(width, height, frames_for_seconds(seconds, fps), steps)
+        return self.build_request(request_id, params.prompt, seed, width, height, seconds, steps, fps)
+
+    def _check_cost(self, width: int, height: int, frames: int, steps: int) -> None:
+        """Admission by work: the fields each within their limits can still add up to hours of engine time."""
+        cost, limit = request_cost(self.model_config, width, height, frames, steps), self.settings.max_request_cost
+        if cost > limit:
+            raise APIError(
+                400,
+                f"This request would cost an estimated {cost:,} token-passes ({width}x{height}, {frames} frames, "
+                f"{steps} steps), over this server's limit of {limit:,}; ask for fewer seconds, a lower fps, "
+                "fewer steps or a smaller size.",
+                "request_too_costly",
+            )
 
     def build_request(
         self, request_id: str, prompt: str, seed: int, width: int, height: int, seconds: float, steps: int, fps: int
@@ -107,7 +120,7 @@ class Generation:
     def submit(self, request: EngineRequest, force: bool = False) -> Ticket:
         if self.worker.load_error is not None:
             self.metrics.error("engine")
-            raise APIError(503, f"The model failed to load: {self.worker.load_error}", "model_unavailable")
+            raise APIError(503, "The model failed to load; the server log says why.", "model_unavailable")
         ticket = Ticket(request, asyncio.get_running_loop())
         try:
             self.scheduler.submit(ticket, force=force)

@@ -83,6 +83,12 @@ class Ticket:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel_reason: str | None = None
     done: bool = False  # set by the engine once a Finished or Failed was delivered
+    refunded: float = 0.0  # seconds the engine spent on work nobody received while this ticket waited
+
+    @property
+    def deadline(self) -> float | None:
+        """The request's deadline, moved back by the refunded time: a ticket is not charged for others' lost work."""
+        return None if self.request.deadline is None else self.request.deadline + self.refunded
 
     def cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -92,7 +98,7 @@ class Ticket:
         """Why the engine should stop work on this ticket now, or None to go on."""
         if self.cancel_reason is not None:
             return self.cancel_reason
-        deadline = self.request.deadline
+        deadline = self.deadline
         return "deadline" if deadline is not None and time.monotonic() > deadline else None
 
     def deliver(self, event: EngineEvent) -> None:
@@ -134,6 +140,14 @@ class Scheduler:
                 self._queue.remove(ticket)
                 ticket.deliver(Failed(ticket.request.id, ticket.cancel_reason, "cancelled while queued"))
             self._cond.notify_all()
+
+    def refund(self, since: float) -> None:
+        """A batch that began at `since` (time.monotonic) ended with nothing delivered (cancelled, failed): give each
+        queued ticket back the part of that time it spent waiting, so it does not time out for another's work."""
+        with self._cond:
+            now = time.monotonic()
+            for ticket in self._queue:
+                ticket.refunded += max(0.0, now - max(since, ticket.accepted_at))
 
     def close(self) -> list[Ticket]:
         """Stop handing out work; returns what was still queued."""

@@ -89,8 +89,12 @@ class EngineWorker:
         for ticket, encoded in zip(batch, request.prompts):
             ticket.deliver(Started(ticket.request.id, len(batch), now - ticket.accepted_at, encoded, num_chunks))
         timings: dict[str, float] = {}
+
+        def cancelled() -> bool:  # a list, not all()'s short cut: every ticket is answered as soon as it stops
+            return all([self._stopped(t) for t in batch])
+
         try:
-            for chunk in self.pipeline.generate(request, cancelled=lambda: all(self._stopped(t) for t in batch)):
+            for chunk in self.pipeline.generate(request, cancelled):
                 timings = chunk.timings
                 for i, ticket in enumerate(batch):
                     if not self._stopped(ticket):
@@ -99,13 +103,15 @@ class EngineWorker:
                                 ticket.request.id, chunk.index, chunk.num_chunks, chunk.start_frame, chunk.frames[i]
                             )
                         )
-        except Cancelled:
-            pass
+        except Cancelled:  # every ticket was answered as it stopped
+            self.scheduler.refund(since=now)
+            return
         except Exception as exc:
             log.exception("generation failed for %s", [t.request.id for t in batch])
             for ticket in batch:
                 if not ticket.done:
                     ticket.deliver(Failed(ticket.request.id, "error", f"generation failed: {exc}"))
+            self.scheduler.refund(since=now)
             return
         for ticket in batch:
             if not ticket.done:

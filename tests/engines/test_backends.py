@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from aptserve.engines.backends import BACKENDS, modules_of, prepare
+from aptserve.engines.config import MODEL_PRESETS, build_generator
 from aptserve.engines.dit import DIT_PRESETS, MMDiT
 from aptserve.engines.quant import FP8Linear, quantized_layer_names
 from aptserve.engines.vae import VAE_PRESETS, CausalVAE, memory_format_of
@@ -54,7 +55,7 @@ def _decode_chunked(vae: CausalVAE, latent: torch.Tensor) -> torch.Tensor:
 def test_unknown_backend_and_options_raise() -> None:
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         prepare(nn.Linear(2, 2), "fast")
-    with pytest.raises(ValueError, match="compiled backend only"):
+    with pytest.raises(ValueError, match="apply to the compiled and tensorrt backends"):
         prepare(_tiny_vae(), "eager", mode="max-autotune")
     with pytest.raises(ValueError, match="unknown attention impl"):
         prepare(_tiny_dit(), attention="flash9")
@@ -136,6 +137,65 @@ def test_compiled_fp8_dit_traces_like_eager_fp8() -> None:
     compiled = prepare(copy.deepcopy(eager), "compiled", compiler="aot_eager")
     inputs = _dit_inputs()
     torch.testing.assert_close(compiled(*inputs), eager(*inputs), **FP32_TOL)
+
+
+class Stop(Exception):
+    pass
+
+
+def _generator(arch: str) -> nn.Module:
+    """The tiny MMDiT, or Wan's architecture at toy size; both take `_dit_inputs`."""
+    if arch == "mmdit":
+        return _tiny_dit()
+    model = build_generator(MODEL_PRESETS["wan-tiny"]).eval()
+    model.init_weights(torch.Generator().manual_seed(0), zero_out=False)
+    return model
+
+
+def _counting_hook(calls: list[int], stop_at: int | None = None):
+    def between_blocks() -> None:
+        calls.append(len(calls))
+        if len(calls) == stop_at:
+            raise Stop
+
+    return between_blocks
+
+
+@pytest.mark.parametrize("arch", ["mmdit", "wan2.1"])
+@pytest.mark.parametrize("backend", ["eager", "compiled"])
+@torch.no_grad()
+def test_between_blocks_hook_runs_after_every_block_and_can_stop_the_pass(arch: str, backend: str) -> None:
+    # the compiled backend compiles block by block, so the loop and its hook stay eager around the graphs
+    options = {"compiler": "aot_eager"} if backend == "compiled" else {}
+    model, inputs, calls = prepare(_generator(arch), backend, **options), _dit_inputs(), []
+    plain = model(*inputs)
+    model.between_blocks = _counting_hook(calls)
+    torch.testing.assert_close(model(*inputs), plain, rtol=0, atol=0)
+    assert calls == list(range(len(model.blocks)))
+    calls.clear()
+    model.between_blocks = _counting_hook(calls, stop_at=2)
+    with pytest.raises(Stop):
+        model(*inputs)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("arch", ["mmdit", "wan2.1"])
+@torch.no_grad()
+def test_a_whole_forward_graph_leaves_the_hook_out_without_a_break_or_a_recompile(arch: str) -> None:
+    # cuda_graphs compiles the whole forward: the hook must neither break that graph nor become one of its guards
+    graphs = []
+
+    def count_graphs(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model, inputs, calls = _generator(arch), _dit_inputs(), []
+    compiled = torch.compile(model, backend=count_graphs, fullgraph=True, dynamic=False)
+    expected = model(*inputs)
+    for hook in (None, _counting_hook(calls), _counting_hook(calls, stop_at=1)):  # warm-up runs with no hook
+        model.between_blocks = hook
+        torch.testing.assert_close(compiled(*inputs), expected, **FP32_TOL)
+    assert len(graphs) == 1 and calls == []
 
 
 @pytest.mark.gpu

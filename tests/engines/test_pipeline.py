@@ -49,6 +49,21 @@ def test_cancellation_between_chunks(tiny_pipeline):
         next(tiny_pipeline.generate(request, cancelled=lambda: True))
 
 
+def test_cancellation_inside_the_generator_pass(tiny_pipeline):
+    request = tiny_pipeline.request(PROMPT, seeds=0, seconds=1.0)
+    polls = []
+
+    def cancelled() -> bool:  # polled after text encoding, then after every generator block
+        polls.append(len(polls))
+        return len(polls) == 3
+
+    with pytest.raises(Cancelled):
+        next(tiny_pipeline.generate(request, cancelled))
+    assert len(polls) == 3 < 1 + len(tiny_pipeline.dit.blocks)
+    assert tiny_pipeline.dit.between_blocks is None  # the hook lives only as long as its request's pass
+    assert len(list(tiny_pipeline.generate(request))) == 7
+
+
 def test_two_step_and_teacher_sampling_run(tiny_pipeline):
     one, _ = tiny_pipeline.generate_video(tiny_pipeline.request(PROMPT, seeds=0, seconds=0.5, steps=1))
     two, _ = tiny_pipeline.generate_video(tiny_pipeline.request(PROMPT, seeds=0, seconds=0.5, steps=2))

@@ -2,8 +2,11 @@
 
 import gc
 import io
+import os
+import signal
 import subprocess
 import sys
+import threading
 from itertools import pairwise
 from pathlib import Path
 
@@ -126,6 +129,38 @@ def test_other_size_fps_and_chunking():
     assert decoded.shape == (25, 64, 96, 3)
     assert stream.average_rate == 12
     assert [i for i, key in enumerate(keyframes) if key] == [0, 1, 9, 17]
+
+
+@pytest.mark.parametrize("fps", [1, 2, 4])
+def test_low_frame_rates_stream_each_fragment_without_stalling(fps: int):
+    # ffmpeg used to probe its raw input for seconds of stream time, emitting nothing until the timeout at fps < 5
+    frames = pattern(9, 64, 64)
+    pieces, events = stream_chunks(frames, [1, 4, 4], fps=fps, timeout=10)
+    writes = [("write", 0), ("piece", 0), ("write", 1), ("piece", 1), ("write", 2), ("piece", 2)]
+    assert events == [*writes, ("close", 3), ("piece", 3)]  # each fragment as the next chunk arrives, not at the end
+    decoded, stream, _ = decode(b"".join(pieces))
+    assert decoded.shape == (9, 64, 64, 3) and stream.average_rate == fps
+
+
+def test_a_stalled_ffmpeg_fails_the_write_instead_of_holding_its_thread():
+    encoder = FragmentedMP4Encoder(64, 64, timeout=1)
+    os.kill(encoder._proc.pid, signal.SIGSTOP)  # ffmpeg alive but reading nothing: the stdin pipe fills up
+    outcome = []
+
+    def write() -> None:
+        try:
+            encoder.write(pattern(40, 64, 64))  # ~490 kB, far past a pipe buffer
+        except EncoderError as exc:
+            outcome.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join(20)
+    stuck = writer.is_alive()
+    encoder.abort()  # frees a stuck writer, so a failure here does not leave a thread behind
+    writer.join(20)
+    assert not stuck, "the write blocked past the encoder's timeout"
+    assert "took no frames within 1 s" in str(outcome[0]) and encoder._proc.poll() is not None
 
 
 def test_explicit_schedule_and_single_frames():

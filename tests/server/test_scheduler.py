@@ -1,4 +1,5 @@
-"""Scheduler unit behaviour: bounds, same-bucket batching, FIFO across buckets, deadlines and cancellation."""
+"""Scheduler unit behaviour: bounds, same-bucket batching, FIFO across buckets, deadlines (and their refunds) and
+cancellation."""
 
 import asyncio
 import threading
@@ -67,6 +68,21 @@ def test_expired_and_cancelled_tickets_are_answered_not_run(loop):
     assert scheduler.next_batch() == [live]
     [event] = drain(loop, expired)
     assert event.reason == "deadline" and expired.done
+
+
+def test_queued_tickets_get_back_the_time_of_a_batch_nobody_received(loop):
+    scheduler = Scheduler(max_queue=10, max_batch_size=4)
+    now = time.monotonic()
+    # a batch began 2 s ago and was just cancelled; `early` waited through all of it, `late` came 0.5 s ago
+    early = Ticket(request(0, deadline=now - 0.5), loop, accepted_at=now - 3.0)
+    late = Ticket(request(1, width=128, deadline=now + 1.0), loop, accepted_at=now - 0.5)
+    for t in (early, late):
+        scheduler.submit(t)
+    assert early.stop_reason() == "deadline"
+    scheduler.refund(since=now - 2.0)
+    assert early.deadline == pytest.approx(now + 1.5, abs=0.2) and late.deadline == pytest.approx(now + 1.5, abs=0.2)
+    assert early.stop_reason() is None
+    assert scheduler.next_batch() == [early]
 
 
 def test_close_wakes_the_worker_and_returns_the_rest(loop):

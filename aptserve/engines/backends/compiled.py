@@ -5,13 +5,16 @@ decoder also first chunk / later chunk / whole clip) gets its own specialised gr
 
 - Generator: each `MMDiTBlock` is compiled on its own ("regional compilation"). All blocks share one code object, so
   the 36 blocks of apt-8b reuse two graphs (ordinary block, last block) per shape: cold start is two block compiles,
-  not one 36-block graph, and inductor fuses the same norm/modulation/RoPE/gating pointwise work either way.
+  not one 36-block graph, and inductor fuses the same norm/modulation/RoPE/gating pointwise work either way. The loop
+  over the blocks stays eager, so the generator's `between_blocks` hook (the in-forward cancellation check) runs.
 - VAE: the whole `Decoder.forward` is compiled; the conv cache dict is an input and an output of the graph, so the
   streaming state stays explicit. Inductor fuses RMS norm, SiLU and residual adds around the convs (the fused path).
 - `cuda_graphs=True` (CUDA only) uses mode "reduce-overhead": one CUDA graph per shape. The generator is then
   compiled whole, since per-block graphs would share one graph across blocks with different weight addresses. A
   replay overwrites the previous replay's outputs, so each call starts a new cudagraph step and clones its outputs
-  (the decode cache among them) before returning. Unverified on a GPU so far; off by default.
+  (the decode cache among them) before returning. That whole-forward graph leaves `between_blocks` out (it is
+  neither traced nor guarded on), so cancellation waits for the end of the pass. Unverified on a GPU so far; off by
+  default.
 """
 
 from __future__ import annotations

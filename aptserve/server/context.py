@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from aptserve.engines.backends.options import RunOptions
+from aptserve.server.auth import KeyRing
 from aptserve.server.generation import Generation
 from aptserve.server.jobs import JobManager
 from aptserve.server.metrics import Metrics
@@ -24,6 +25,7 @@ class Services:
     jobs: JobManager
     run_options: RunOptions
     device: str
+    keys: KeyRing
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

@@ -13,8 +13,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 PREFIX = "aptserve"
 STAGES = ("text_encode", "dit", "vae_decode", "encode")
-CANCEL_REASONS = ("client_disconnected", "client_cancel", "deleted", "deadline", "shutdown")
-ERROR_KINDS = ("validation", "auth", "not_found", "queue_full", "engine", "encoder", "internal")
+# storage: the data dir refused a job's write; error: the server failed the job (both cancel its generation)
+CANCEL_REASONS = ("client_disconnected", "client_cancel", "deleted", "deadline", "shutdown", "storage", "error")
+ERROR_KINDS = (
+    "validation", "auth", "not_found", "queue_full", "rate_limited", "engine", "encoder", "storage", "internal"
+)  # fmt: skip
 # build_info: what is installed and how the model really runs (the fields of engines.backends.options.RunOptions).
 BUILD_LABELS = (
     "version", "model", "device", "backend", "compiler", "attention", "fp8_linears", "bf16_blocks", "fp8_emulation",

@@ -1,7 +1,9 @@
 """Video job store: job metadata in SQLite and finished MP4s as files under one data directory.
 
 Stdlib only, so it can be used (and tested) without the web stack. One connection serves every thread, serialised
-by a lock; jobs survive a restart through `recover()`, and old jobs go away through `cleanup_expired()`.
+by a lock; jobs survive a restart through `recover()`, and old jobs go away through `cleanup_expired()`. A database
+that fails its integrity check at start is moved aside (never deleted) and replaced by an empty one; a write the disk
+refuses raises `StorageError`, and `writable` says whether the data dir takes writes (`probe()` checks again).
 
 Transitions (anything else leaves the job untouched and returns None, exactly as if it did not exist):
     queued      -> in_progress  mark_started (attempts += 1)
@@ -14,9 +16,12 @@ Transitions (anything else leaves the job untouched and returns None, exactly as
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import re
 import sqlite3
+import tempfile
 import threading
 import time
 import uuid
@@ -30,8 +35,10 @@ COMPLETED = "completed"
 FAILED = "failed"
 STATUSES = (QUEUED, IN_PROGRESS, COMPLETED, FAILED)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+DATABASE = "jobs.sqlite3"
 _ID_RE = re.compile(r"video_[0-9a-f]{32}")
+log = logging.getLogger("aptserve.store")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -41,10 +48,46 @@ CREATE TABLE IF NOT EXISTS jobs (
     model TEXT NOT NULL, prompt TEXT NOT NULL, size TEXT NOT NULL, seconds TEXT NOT NULL,
     seed INTEGER NOT NULL, steps INTEGER NOT NULL, fps INTEGER NOT NULL,
     error_code TEXT, error_message TEXT, attempts INTEGER NOT NULL, bytes INTEGER NOT NULL,
-    revised_prompt TEXT
+    revised_prompt TEXT,
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_created_at ON jobs (created_at, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created_at, seq);
 """
+# From schema version n to n + 1; an old database keeps its jobs (those from before owners belong to no key).
+_UPGRADES = {
+    1: "ALTER TABLE jobs ADD COLUMN revised_prompt TEXT;",
+    2: "ALTER TABLE jobs ADD COLUMN owner TEXT; CREATE INDEX jobs_owner ON jobs (owner, created_at, seq);",
+}
+# SQLite primary result codes that mean the disk refused a write: FULL; READONLY, IOERR, CANTOPEN. The rest are bugs,
+# contention or damage.
+_SQLITE_FULL, _SQLITE_STORAGE = 13, {8, 10, 14}
+_OS_FULL, _OS_STORAGE = {errno.ENOSPC, errno.EDQUOT}, {errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+class StorageError(Exception):
+    """The data dir refused a write: `full` (no space left: 507) or not writable (read-only, I/O error: 503)."""
+
+    def __init__(self, full: bool, detail: str):
+        super().__init__(detail)
+        self.full = full
+
+    @property
+    def code(self) -> str:
+        return "storage_full" if self.full else "storage_unavailable"
+
+
+def storage_fault(exc: BaseException) -> StorageError | None:
+    """The storage fault an OS or SQLite error stands for, or None when it is something else."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if code == _SQLITE_FULL or code in _SQLITE_STORAGE:
+            return StorageError(code == _SQLITE_FULL, f"job database: {exc}")
+    if isinstance(exc, OSError) and exc.errno in _OS_FULL | _OS_STORAGE:
+        return StorageError(exc.errno in _OS_FULL, str(exc))
+    return None
 
 
 def new_job_id() -> str:
@@ -74,6 +117,7 @@ class VideoJob:
     attempts: int = 0  # times a worker started it; bounds retries after crashes
     bytes: int = 0  # MP4 size, 0 until completed
     revised_prompt: str | None = None  # the prompt the model was given, where the server completed it
+    owner: str | None = None  # keyed hash of the creating API key (auth.KeyRing.owner_of); None on an open server
 
 
 _COLUMNS = tuple(f.name for f in fields(VideoJob))
@@ -88,28 +132,94 @@ class JobStore:
             raise ValueError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
         self.data_dir = Path(data_dir)
         self.videos_dir = self.data_dir / "videos"
-        self.videos_dir.mkdir(parents=True, exist_ok=True)
         self._ttl = ttl_seconds
         self._clock = clock
         self._lock = threading.Lock()
-        # Autocommit mode: writes open explicit transactions in `_write`, so nothing stays half-open between calls.
-        self._conn = sqlite3.connect(self.data_dir / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # In WAL mode NORMAL survives a process crash; a power loss may drop the last commits but never corrupts.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=5000")
-        self._migrate()
+        self.fault: StorageError | None = None  # the last write the data dir refused, until a probe succeeds
+        try:
+            self.videos_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_fault(exc) or StorageError(False, str(exc)) from exc
+        if self.probe() is not None:
+            raise self.fault
+        self._conn = self._open_checked(self.data_dir / DATABASE)
 
-    def _migrate(self) -> None:
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"job database schema {version} is newer than this aptserve supports ({SCHEMA_VERSION})")
-        if version == 1:  # a database of the first schema keeps its jobs and gains the column
-            self._conn.executescript(  # one transaction: the column and the version move together
-                f"BEGIN; ALTER TABLE jobs ADD COLUMN revised_prompt TEXT; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+    def _open_checked(self, path: Path) -> sqlite3.Connection:
+        """Connect; a database that fails its integrity check is moved aside (never deleted) for an empty one. Either
+        way, or when the database was missing, finished videos without a row stay until their TTL."""
+        existed = path.exists() and path.stat().st_size > 0
+        try:
+            return self._connect(path)
+        except sqlite3.DatabaseError as exc:
+            if (fault := storage_fault(exc)) is not None:
+                raise fault from exc
+            if not _is_damage(exc):
+                raise
+            moved = self._move_aside(path)
+            log.error(
+                "JOB DATABASE DAMAGED: %s failed its integrity check (%s); moved it to %s and started an empty one. "
+                "Its jobs are no longer listed; their videos stay in %s until their TTL.",
+                path,
+                exc,
+                moved.name,
+                self.videos_dir,
             )
-        elif version < SCHEMA_VERSION:
-            self._conn.executescript(_SCHEMA + f"PRAGMA user_version = {SCHEMA_VERSION};")
+            return self._connect(path)
+        finally:
+            if not existed and any(self.videos_dir.glob("*.mp4")):
+                log.warning(
+                    "job database %s was missing or empty while %s holds finished videos: they stay, unlisted, until "
+                    "their TTL",
+                    path,
+                    self.videos_dir,
+                )
+
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        # Autocommit mode: writes open explicit transactions in `_write`, so nothing stays half-open between calls.
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
+            if problems != ["ok"]:
+                raise DatabaseDamaged(" ".join(problems[:3]).replace("\n", " "))
+            conn.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode NORMAL survives a process crash; a power loss may drop the last commits but never corrupts.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            _migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _move_aside(self, path: Path) -> Path:
+        """Rename the database and its write-ahead log to `<name>.damaged-<UTC time>[-wal|-shm]`."""
+        target = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        while target.exists():  # two starts within a second: never overwrite an earlier copy
+            target = target.with_name(target.name + "+")
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{path}{suffix}", f"{target}{suffix}")
+        os.replace(path, target)
+        return target
+
+    @property
+    def writable(self) -> bool:
+        """False from a write the data dir refused until a probe succeeds: /readyz says not ready meanwhile."""
+        return self.fault is None
+
+    def probe(self) -> StorageError | None:
+        """Write and sync a small unnamed file in the data dir and in videos/; sets and returns `fault`."""
+        try:
+            for folder in (self.data_dir, self.videos_dir):
+                with tempfile.TemporaryFile(dir=folder) as f:
+                    f.write(b"probe")
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            self.fault = storage_fault(exc) or StorageError(False, str(exc))
+        else:
+            self.fault = None
+        return self.fault
 
     def close(self) -> None:
         with self._lock:
@@ -125,13 +235,21 @@ class JobStore:
     def _write(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE takes the write lock up front, so a read-then-write cannot interleave with another process.
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:  # a full disk may have ended the transaction already
+                        with contextlib.suppress(sqlite3.Error):
+                            self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if (fault := storage_fault(exc)) is None:
+                    raise
+                self.fault = fault
+                raise fault from exc
 
     def _select(self, where: str, params: tuple = ()) -> list[VideoJob]:
         rows = self._conn.execute(f"{_SELECT} {where}", params).fetchall()
@@ -162,20 +280,26 @@ class JobStore:
             jobs = self._select("WHERE id = ?", (job_id,))
         return jobs[0] if jobs else None
 
-    def list(self, after: str | None = None, limit: int = 20, order: str = "desc") -> tuple[list[VideoJob], bool]:
-        """One page of jobs by creation time, starting after job id `after`; returns (page, has_more)."""
+    def list(
+        self, after: str | None = None, limit: int = 20, order: str = "desc", owner: str | None = None
+    ) -> tuple[list[VideoJob], bool]:
+        """One page of jobs by creation time, starting after job id `after`; returns (page, has_more). With `owner`,
+        only that owner's jobs (and `after` must be one of them); without, every job."""
         if order not in ("asc", "desc"):
             raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
         if not 1 <= limit <= 100:
             raise ValueError(f"limit must be between 1 and 100, got {limit}")
         direction, compare = ("ASC", ">") if order == "asc" else ("DESC", "<")
+        conditions, params = ([], []) if owner is None else (["owner = ?"], [owner])
         with self._lock:
-            where, params = "", ()
             if after is not None:
-                cursor = self._conn.execute("SELECT created_at, seq FROM jobs WHERE id = ?", (after,)).fetchone()
-                if cursor is None:
+                where = " AND ".join(["id = ?", *conditions])
+                cursor = self._conn.execute(f"SELECT created_at, seq FROM jobs WHERE {where}", (after, *params))
+                if (row := cursor.fetchone()) is None:
                     raise KeyError(after)
-                where, params = f"WHERE (created_at, seq) {compare} (?, ?)", tuple(cursor)
+                conditions.append(f"(created_at, seq) {compare} (?, ?)")
+                params += row
+            where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
             # One extra row tells whether another page exists.
             order_by = f"ORDER BY created_at {direction}, seq {direction} LIMIT ?"
             jobs = self._select(f"{where} {order_by}", (*params, limit + 1))
@@ -257,8 +381,11 @@ class JobStore:
         return size
 
     def _remove_files(self, job_id: str) -> None:
-        self.partial_path(job_id).unlink(missing_ok=True)
-        self.video_path(job_id).unlink(missing_ok=True)
+        for path in (self.partial_path(job_id), self.video_path(job_id)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only disk: the orphan sweep or the TTL removes it later
+                log.warning("could not remove %s: %s", path.name, exc.strerror)
 
     # -- housekeeping --
 
@@ -313,9 +440,34 @@ class JobStore:
         files = [p for p in self.videos_dir.iterdir() if p.name.endswith((".mp4", ".mp4.part"))]
         with self._lock:
             known = {row[0] for row in self._conn.execute("SELECT id FROM jobs")}
+        # A .part file without a row is debris of a deleted job. A finished MP4 without one (its database was lost or
+        # moved aside) is still content: it goes only once its TTL has passed since it was written.
+        written_before = self._clock() - self._ttl
         for path in files:
-            if path.name.split(".", 1)[0] not in known:
-                path.unlink(missing_ok=True)
+            if path.name.split(".", 1)[0] in known:
+                continue
+            with contextlib.suppress(OSError):
+                if path.name.endswith(".part") or path.stat().st_mtime <= written_before:
+                    path.unlink()
+
+
+class DatabaseDamaged(sqlite3.DatabaseError):
+    """The job database failed its integrity check."""
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    # SQLITE_CORRUPT (11), SQLITE_NOTADB (26): the file is not a sound database; anything else is not damage.
+    return isinstance(exc, DatabaseDamaged) or (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (11, 26)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(f"job database schema {version} is newer than this aptserve supports ({SCHEMA_VERSION})")
+    if version < SCHEMA_VERSION:
+        steps = _SCHEMA if version == 0 else "".join(_UPGRADES[v] for v in range(version, SCHEMA_VERSION))
+        # One transaction: the columns and the version move together.
+        conn.executescript(f"BEGIN; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
 
 def _check_id(job_id: str) -> None:

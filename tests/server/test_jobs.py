@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 
@@ -80,17 +81,24 @@ def test_create_rejects_bad_records(store):
 def test_database_settings(store, tmp_path):
     conn = sqlite3.connect(tmp_path / "data" / "jobs.sqlite3")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == jobs_module.SCHEMA_VERSION == 3
     conn.close()
 
 
-def test_a_first_schema_database_keeps_its_jobs_and_gains_revised_prompt(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_schema_database_keeps_its_jobs_and_gains_the_new_columns(tmp_path, version):
+    added = {"revised_prompt": 2, "owner": 3}  # column -> the schema version that added it
+    old_schema = jobs_module._SCHEMA.replace(
+        ",\n    revised_prompt TEXT,\n    owner TEXT", ",\n    revised_prompt TEXT"
+    )
+    if version == 1:
+        old_schema = old_schema.replace(",\n    revised_prompt TEXT", "")
+    old_schema = old_schema.split("CREATE INDEX IF NOT EXISTS jobs_owner")[0]
+    assert "owner" not in old_schema and ("revised_prompt" in old_schema) == (version == 2)
     conn = sqlite3.connect(tmp_path / "jobs.sqlite3")
-    first_schema = jobs_module._SCHEMA.replace(",\n    revised_prompt TEXT\n", "\n")
-    assert "revised_prompt" not in first_schema
-    conn.executescript(first_schema + "PRAGMA user_version = 1;")
+    conn.executescript(old_schema + f"PRAGMA user_version = {version};")
     old = make_job(created_at=5)
-    columns = [name for name in jobs_module._COLUMNS if name != "revised_prompt"]
+    columns = [name for name in jobs_module._COLUMNS if added.get(name, 0) <= version]
     conn.execute(
         f"INSERT INTO jobs ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
         tuple(getattr(old, name) for name in columns),
@@ -98,11 +106,12 @@ def test_a_first_schema_database_keeps_its_jobs_and_gains_revised_prompt(tmp_pat
     conn.commit()
     conn.close()
     with JobStore(tmp_path) as store:
-        assert store.get(old.id) == old and old.revised_prompt is None
-        new = store.create(make_job(revised_prompt="a large red ball"))
+        assert store.get(old.id) == old and old.revised_prompt is None and old.owner is None
+        new = store.create(make_job(revised_prompt="a large red ball", owner="f" * 64))
         assert store.get(new.id).revised_prompt == "a large red ball"
+        assert store.list(owner="f" * 64) == ([store.get(new.id)], False)  # the old job belongs to no key
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
 
 
 def test_newer_schema_is_refused(tmp_path):
@@ -145,6 +154,20 @@ def test_list_defaults_to_newest_first(store, five_jobs):
     page, has_more = store.list()
     assert [j.id for j in page] == five_jobs[::-1] and not has_more
     assert store.list(limit=100) == (page, False)
+
+
+def test_list_by_owner(store, clock):
+    mine, theirs = [], []
+    for i in range(6):
+        clock.now += 1
+        (mine if i % 2 else theirs).append(store.create(make_job(owner="a" if i % 2 else "b")).id)
+    page, has_more = store.list(limit=2, owner="a")
+    assert [j.id for j in page] == mine[::-1][:2] and has_more
+    assert [j.id for j in store.list(after=page[-1].id, owner="a")[0]] == mine[:1]
+    assert [j.id for j in store.list(order="asc", owner="b")[0]] == theirs
+    with pytest.raises(KeyError):  # another owner's job is no cursor
+        store.list(after=theirs[0], owner="a")
+    assert len(store.list()[0]) == 6
 
 
 def test_list_empty(store):
@@ -318,8 +341,11 @@ def test_cleanup_expired(store, clock):
     unrelated = store.videos_dir / "README"
     unrelated.write_text("not ours")
 
-    assert store.cleanup_expired() == 0  # nothing expired yet, but orphans go
-    assert not orphan.exists() and not orphan_partial.exists() and unrelated.exists()
+    assert store.cleanup_expired() == 0  # nothing expired yet; a partial file without a row goes
+    assert orphan.exists() and not orphan_partial.exists() and unrelated.exists()
+    os.utime(orphan, (clock.now - TTL, clock.now - TTL))  # a finished video without a row goes once its TTL passed
+    store.cleanup_expired()
+    assert not orphan.exists()
 
     clock.now = old_done.expires_at  # expires_at itself counts as expired
     assert store.cleanup_expired() == 2

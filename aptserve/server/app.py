@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -16,15 +17,18 @@ from aptserve.engines.backends.options import RunOptions
 from aptserve.engines.config import MODEL_PRESETS, ModelConfig, parse_size
 from aptserve.engines.loading import read_config, resolve_model
 from aptserve.engines.wan_loading import is_wan_source
+from aptserve.server.auth import KeyRing, owner_secret
 from aptserve.server.context import Services
+from aptserve.server.edge import EdgeMiddleware
 from aptserve.server.errors import install_error_handlers
 from aptserve.server.generation import Generation
 from aptserve.server.jobs import JobManager
 from aptserve.server.metrics import Metrics, MetricsMiddleware
+from aptserve.server.openapi import install_openapi
 from aptserve.server.routes import streaming, system, videos
 from aptserve.server.scheduler import Scheduler
 from aptserve.server.settings import Settings
-from aptserve.server.store import JobStore
+from aptserve.server.store import JobStore, StorageError
 from aptserve.server.worker import EngineWorker, WarmupShape
 
 log = logging.getLogger("aptserve")
@@ -83,9 +87,15 @@ def build_services(settings: Settings) -> Services:
         warmup_plan(settings, config),
         settings.prompt_completion,
     )
-    store = JobStore(settings.data_dir, ttl_seconds=settings.job_ttl_s)
+    try:
+        store = JobStore(settings.data_dir, ttl_seconds=settings.job_ttl_s)
+        secret = owner_secret(settings.data_dir)
+    except (StorageError, OSError) as exc:
+        raise ValueError(f"data_dir {settings.data_dir} is not writable: {exc}") from exc
+    keys = KeyRing(settings.api_keys, settings.admin_api_keys, secret, settings.rate_limit_per_minute)
     generation = Generation(settings, metrics, scheduler, worker, name, config)
-    return Services(settings, metrics, worker, store, generation, JobManager(generation, store), options, device)
+    jobs = JobManager(generation, store)
+    return Services(settings, metrics, worker, store, generation, jobs, options, device, keys)
 
 
 def load_pipeline(settings: Settings, options: RunOptions, device: str, dtype):
@@ -121,15 +131,20 @@ def parse_warmup_shape(text: str) -> tuple[str, float]:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     services: Services = app.state.services
-    if not services.settings.api_keys:
+    settings = services.settings
+    if services.keys.open:
         log.warning("no API keys configured: the server is open to anyone who can reach it")
+    services.jobs.recover()  # before the engine starts: jobs from before the restart are first in line
     services.worker.start()
-    services.jobs.recover()
-    cleanup = asyncio.create_task(services.jobs.cleanup_loop(services.settings.cleanup_interval_s))
+    loops = [
+        asyncio.create_task(services.jobs.cleanup_loop(settings.cleanup_interval_s)),
+        asyncio.create_task(services.jobs.storage_loop(settings.storage_probe_interval_s)),
+    ]
     try:
         yield
     finally:
-        cleanup.cancel()
+        for loop in loops:
+            loop.cancel()
         await services.jobs.shutdown()
         await asyncio.to_thread(services.worker.stop)
         with contextlib.suppress(Exception):
@@ -144,21 +159,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=package_version(),
         summary="One-step text-to-video: OpenAI-style video jobs, streaming fMP4 over HTTP and WebSocket.",
         lifespan=lifespan,
-        docs_url="/docs",
+        openapi_url=None,  # served by the system router, behind a key where docs_require_key says so
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.services = services
-    install_error_handlers(app, on_error=lambda status, code: _count_error(services.metrics, status, code))
+    count_error = functools.partial(_count_error, services.metrics)
+    install_error_handlers(app, on_error=count_error)
+    install_openapi(app, settings, services.generation)
     app.include_router(videos.router)
     app.include_router(streaming.router)
     app.include_router(system.router)
-    app.add_middleware(MetricsMiddleware, metrics=services.metrics)
+    app.add_middleware(EdgeMiddleware, settings=settings, on_error=count_error)
+    app.add_middleware(MetricsMiddleware, metrics=services.metrics)  # outermost: counts what the edge refuses too
     return app
 
 
 def _count_error(metrics: Metrics, status: int, code: str | None) -> None:
     if code in ("queue_full", "invalid_api_key"):
         return  # counted where they happen
-    if status == 404:
+    if code == "rate_limit_exceeded":
+        metrics.error("rate_limited")
+    elif code in ("storage_full", "storage_unavailable"):
+        metrics.error("storage")
+    elif status == 404:
         metrics.error("not_found")
     elif status < 500:
         metrics.error("validation")

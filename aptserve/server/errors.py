@@ -12,7 +12,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
+    409: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -52,12 +54,31 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"Invalid '{param}': {message}." if param else f"Invalid request: {message}."), param
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods served at this path by its most specific routes (`/v1/videos/sync` itself, not
+    `/v1/videos/{video_id}`); Starlette's own 405 names only those of the first route that matched the path."""
+    path = request.url.path
+    routes = [r for r in _http_routes(request.app.router.routes) if r.path_regex.match(path)]
+    literal = [route for route in routes if route.path == path]
+    return sorted({method for route in literal or routes for method in route.methods})
+
+
+def _http_routes(routes: list) -> list:
+    """Every HTTP route, seen through the wrappers FastAPI puts around an included router."""
+    flat = [
+        c for r in routes for c in (r.effective_route_contexts() if hasattr(r, "effective_route_contexts") else [r])
+    ]
+    return [route for route in flat if getattr(route, "methods", None) and getattr(route, "path_regex", None)]
+
+
 def install_error_handlers(app: FastAPI, on_error=None) -> None:
     """`on_error(status, code)` lets the app count client and server errors without this module knowing metrics."""
 
     def respond(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
         if on_error is not None:
             on_error(status, body["error"].get("code"))
+        if status >= 500:  # uvicorn drops the connection after an unexpected error: say so, or the next request on
+            headers = {**(headers or {}), "Connection": "close"}  # it would meet a reset
         return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(APIError)
@@ -71,7 +92,10 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return respond(exc.status_code, envelope(exc.status_code, str(exc.detail)), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return respond(exc.status_code, envelope(exc.status_code, str(exc.detail)), headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

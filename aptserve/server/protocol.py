@@ -29,7 +29,9 @@ class VideoCreateParams(BaseModel):
     size: str | None = Field(
         None, description="WIDTHxHEIGHT, multiples of 16, one of the model's sizes if it lists them"
     )
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: int | None = Field(
+        None, ge=0, le=2**53 - 1, description="at most 2^53 - 1, the largest integer every JSON client keeps exact"
+    )
     steps: int | None = Field(None, ge=1, description="denoising steps; default: the model's (1 for APT)")
     fps: int | None = Field(None, ge=1, le=60)
 
@@ -40,9 +42,36 @@ class VideoCreateParams(BaseModel):
             raise ValueError("prompt must not be blank")
         return value
 
+    @field_validator("seed", "steps", "fps", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """JSON Schema counts 1.0 as an integer, so it is one here too (JSON bodies are validated strictly)."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+    @field_validator("seconds", mode="before")
+    @classmethod
+    def _seconds_as_text(cls, value: Any) -> Any:
+        """The OpenAI API sends seconds as a string ("4"); JSON bodies are validated strictly, so read it here."""
+        if not isinstance(value, str):
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError("seconds must be a number") from None
+
 
 class SyncVideoParams(VideoCreateParams):
     stream: bool = False
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _boolean_text(cls, value: Any) -> Any:
+        """A form sends a boolean as text: only `true` or `false`, not every word pydantic would take (0, no, off)."""
+        if not isinstance(value, str):
+            return value
+        if value not in ("true", "false"):
+            raise ValueError("stream must be true or false")
+        return value == "true"
 
 
 class VideoError(BaseModel):

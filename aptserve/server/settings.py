@@ -31,17 +31,44 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated bearer keys; none = open server"
     )
+    admin_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated bearer keys that may also see and delete every job (other keys see only the "
+        "jobs they created)",
+    )
+    rate_limit_per_minute: int = Field(
+        1200,
+        ge=0,
+        description="requests a minute each API key may make to the /v1 HTTP routes, in bursts of up to as many "
+        "(a token bucket); more get 429 with Retry-After; 0 = no limit",
+    )
     max_queue: int = Field(16, ge=1, description="requests waiting beyond this get 429")
     max_batch_size: int = Field(4, ge=1, description="most same-shape requests run in one forward pass")
     batch_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for more same-shape requests")
-    request_timeout_s: float = Field(300.0, gt=0, description="deadline from acceptance to the last frame")
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="deadline from acceptance to the last frame, checked between generator blocks and decode chunks; "
+        "time the engine spent on a cancelled or failed request while this one waited is not counted",
+    )
     job_ttl_s: float = Field(86400.0, gt=0, description="how long finished videos stay downloadable")
     cleanup_interval_s: float = Field(300.0, gt=0, description="how often expired videos are deleted")
+    storage_probe_interval_s: float = Field(
+        5.0, gt=0, description="how often the data dir is checked for writes (/readyz is not ready while it refuses)"
+    )
     max_attempts: int = Field(3, ge=1, description="restarts a job may survive before it is failed")
     max_seconds: float = Field(10.0, gt=0, description="longest clip a client may ask for")
     max_pixels: int = Field(1280 * 720, ge=256, description="largest width x height a client may ask for")
     default_seconds: float = Field(2.0, gt=0, description="clip length when a request names none")
     max_steps: int = Field(50, ge=1, description="most denoising steps a request may ask for (a guided base model)")
+    max_request_cost: int = Field(
+        6_000_000,
+        ge=1,
+        description="most estimated work one request may cost, in token-passes (video tokens x generator passes, "
+        "x2 per step with guidance, weighted for attention past 46,800 tokens, plus decoded pixels / 1024); "
+        "the default admits a 720p 2 s clip (137,700), 50 guided steps at 832x480 for 5 s (5.6M), "
+        "not 720p for 10 s at 60 fps (7.4M)",
+    )
     text_cache_size: int = Field(1024, ge=1, description="prompt embeddings kept in the LRU cache")
     prompt_completion: bool = Field(
         True, description="complete short prompts by the model's caption grammar, where its checkpoint has one"
@@ -64,9 +91,39 @@ class Settings(BaseSettings):
     channels_last: bool = Field(False, description="channels-last (NDHWC) VAE decoder")
     decoder: str = Field("full", description="VAE decoder: full, or light (the model's distilled light decoder)")
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
+    max_body_bytes: int = Field(
+        65536, ge=1024, description="largest request body (JSON or multipart); larger gets 413 before it is read"
+    )
+    max_header_bytes: int = Field(
+        16384, ge=1024, description="largest request head (request line and headers); larger gets 431"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client has to send a request head after connecting or after the previous response, "
+        "and a WebSocket its auth message; then the connection is closed",
+    )
+    body_timeout_s: float = Field(30.0, gt=0, description="seconds a request body may take to arrive; then 408")
+    keep_alive_timeout_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this")
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated browser origins (scheme://host:port) besides the server's own that may open "
+        "the WebSocket and send POST or DELETE requests; * = any",
+    )
+    ws_max_message_bytes: int = Field(
+        65536, ge=1024, description="largest WebSocket message a client may send; larger closes the connection (1009)"
+    )
+    ws_messages_per_second: float = Field(
+        20.0, gt=0, description="WebSocket messages a connection may send per second; more get a 429 error event"
+    )
+    ws_max_inflight: int = Field(
+        4, ge=1, description="generations one WebSocket connection may have queued or running at once"
+    )
+    metrics_require_key: bool = Field(False, description="GET /metrics needs an API key (default: open to scrapers)")
+    docs_require_key: bool = Field(False, description="/docs and /openapi.json need an API key (default: open)")
     log_level: str = Field("info", description="uvicorn and aptserve log level")
 
-    @field_validator("api_keys", "warmup_shapes", "bf16_blocks", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "warmup_shapes", "bf16_blocks", "allowed_origins", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         if isinstance(value, str):

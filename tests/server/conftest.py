@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 
 from aptserve.server.app import create_app
+from aptserve.server.edge import uvicorn_config
 from aptserve.server.settings import Settings
 
 
@@ -21,11 +22,11 @@ def make_settings(tmp_path, **overrides) -> Settings:
 
 
 class LiveServer:
-    """uvicorn serving `app` on 127.0.0.1 at a free port until `stop()`."""
+    """uvicorn serving `app` on 127.0.0.1 at a free port until `stop()`, configured as `aptserve serve` runs it."""
 
     def __init__(self, app):
         self.app = app
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, ready: bool = True) -> LiveServer:

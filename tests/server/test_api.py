@@ -5,7 +5,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from aptserve.server.app import create_app
-from tests.server.conftest import make_settings
+from tests.server.conftest import GenerationGate, make_settings
 
 DESIGN_METRICS = {
     "aptserve_requests": "counter",
@@ -82,7 +82,8 @@ def test_auth(client):
 
 
 def test_multipart_form_as_the_sdk_sends_it(client):
-    response = client.post("/v1/videos", data={"prompt": "a form", "seconds": "1", "size": "64x64", "seed": "9"})
+    form = {"prompt": "a form", "seconds": "1", "size": "64x64", "seed": "9"}
+    response = client.post("/v1/videos", files={name: (None, value) for name, value in form.items()})
     assert response.status_code == 200, response.text
     assert response.json()["seed"] == 9 and response.json()["seconds"] == "1"
 
@@ -95,6 +96,11 @@ def test_content_range_not_ready_and_missing(client):
     part = client.get(f"/v1/videos/{job['id']}/content", headers={"Range": "bytes=10-99"})
     assert part.status_code == 206 and part.content == whole.content[10:100]
     assert part.headers["content-range"] == f"bytes 10-99/{len(whole.content)}"
+    beyond = client.get(f"/v1/videos/{job['id']}/content", headers={"Range": f"bytes={len(whole.content)}-"})
+    assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(whole.content)}"
+    assert beyond.json()["error"]["code"] == "range_not_satisfiable"
+    malformed = client.get(f"/v1/videos/{job['id']}/content", headers={"Range": "bytes=x-y"})
+    assert malformed.status_code == 400 and malformed.json()["error"]["type"] == "invalid_request_error"
     assert client.get(f"/v1/videos/{job['id']}/content?variant=thumbnail").status_code == 400
     assert client.get("/v1/videos/video_0000/content").status_code == 404
     assert client.get("/v1/videos/nope").json()["error"]["type"] == "not_found_error"
@@ -108,7 +114,7 @@ def test_list_and_delete(client):
     assert rest["data"][0]["id"] == ids[0]
     asc = client.get("/v1/videos", params={"order": "asc", "limit": 100}).json()["data"]
     assert [v["created_at"] for v in asc] == sorted(v["created_at"] for v in asc)
-    assert client.get("/v1/videos", params={"after": "video_" + "0" * 32}).status_code == 400
+    assert client.get("/v1/videos", params={"after": "video_" + "0" * 32}).status_code == 404
     assert client.get("/v1/videos", params={"limit": 0}).status_code == 400
     assert client.delete(f"/v1/videos/{ids[0]}").json() == {"id": ids[0], "object": "video.deleted", "deleted": True}
     assert client.get(f"/v1/videos/{ids[0]}").status_code == 404
@@ -174,3 +180,22 @@ def test_a_completed_prompt_is_reported_as_revised_prompt(tmp_path):
     with TestClient(create_app(as_written)) as client:
         job = completed_job(client, prompt="a red circle moving left", seed=0, seconds=0.5)
         assert job["revised_prompt"] is None
+
+
+def test_a_websocket_429_is_counted_once(tmp_path):
+    app = create_app(make_settings(tmp_path, warmup=False, max_queue=1))
+    services = app.state.services
+    with TestClient(app) as client:
+        assert services.worker.ready.wait(60)
+        with GenerationGate(services, hold_at=0) as gate, client.websocket_connect("/v1/videos/stream") as ws:
+            ws.send_json({"type": "generate", "prompt": "running", "seconds": 0.5})
+            assert [ws.receive_json()["type"] for _ in range(2)] == ["queued", "started"]
+            assert gate.holding.wait(30)  # the engine is busy: the next one queues, the one after is refused
+            ws.send_json({"type": "generate", "prompt": "waiting", "seconds": 0.5})
+            assert ws.receive_json()["type"] == "queued"
+            ws.send_json({"type": "generate", "prompt": "refused", "seconds": 0.5})
+            refused = ws.receive_json()
+            assert refused["type"] == "error" and refused["status"] == 429
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        counted = {s.labels["kind"]: s.value for s in families["aptserve_errors"].samples if s.name.endswith("_total")}
+        assert counted["queue_full"] == 1

@@ -117,6 +117,13 @@ def test_demo_page_explains_a_missing_api_key(live_server_factory, page):
     server = live_server_factory(api_keys=["sekrit"])
     page.goto(server.url + "/")
     page.wait_for_function("() => document.getElementById('connection').textContent === 'invalid API key'")
-    assert "api_key=" in page.text_content("#message")
-    page.goto(server.url + "/?api_key=sekrit")
+    assert "#api_key=" in page.text_content("#message")
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    page.goto("about:blank")  # else only the fragment would change, without a reload
+    page.goto(server.url + "/#api_key=sekrit")  # a fragment never reaches the server, its log or a Referer
+    page.wait_for_function("() => window.aptserve.state.connected", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => document.getElementById('size').value !== ''", timeout=TIMEOUT_MS)  # /v1/models
+    assert sockets and not any("sekrit" in url for url in sockets)  # the key went in the first message
+    page.goto(server.url + "/?api_key=sekrit")  # links from before still work
     page.wait_for_function("() => window.aptserve.state.connected", timeout=TIMEOUT_MS)

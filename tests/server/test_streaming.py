@@ -3,6 +3,7 @@
 import asyncio
 import io
 import json
+import socket
 import time
 
 import av
@@ -165,6 +166,21 @@ def test_client_disconnect_cancels_generation(live_server):
                     break  # leave mid-stream: closing the response drops the connection
         # The engine is held at chunk 3 at the latest, so it cannot finish before the server sees the client leave.
         wait_for(lambda: metric(live_server, "aptserve_cancelled_total", reason="client_disconnected") == 1)
+        gate.release()
+        wait_for(lambda: metric(live_server, "aptserve_inflight_requests") == 0)
+    generated = [e for e in gate.events if e.startswith("generated")]
+    assert len(generated) < 13, generated  # the engine stopped early
+
+
+def test_sync_client_disconnect_cancels_generation(live_server):
+    body = json.dumps({"prompt": PROMPT, "seconds": 2}).encode()
+    head = f"POST /v1/videos/sync HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    with GenerationGate(services_of(live_server), hold_at=3) as gate:
+        with socket.create_connection(("127.0.0.1", live_server.port)) as sock:
+            sock.sendall(head.encode() + b"\r\n\r\n" + body)
+            wait_for(gate.holding.is_set)
+        # The client left while the engine is held at chunk 3: the whole MP4 cannot have been sent.
+        wait_for(lambda: metric(live_server, "aptserve_cancelled_total", reason="client_disconnected") == 1, 10)
         gate.release()
         wait_for(lambda: metric(live_server, "aptserve_inflight_requests") == 0)
     generated = [e for e in gate.events if e.startswith("generated")]

@@ -12,6 +12,7 @@ from aptserve.server.context import Services
 from aptserve.server.errors import APIError
 
 M = TypeVar("M", bound=BaseModel)
+BODY_TYPES = ("application/json", "multipart/form-data")
 
 
 def get_services(request: Request) -> Services:
@@ -22,11 +23,18 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 async def read_body(request: Request, model: type[M]) -> M:
-    """Parse a JSON or form (urlencoded or multipart, as the OpenAI SDK sends) body into `model`."""
-    content_type = request.headers.get("content-type", "")
+    """Parse a JSON or multipart form (as the OpenAI SDK sends) body into `model`. Any other body gets 415: a browser
+    sends text/plain and urlencoded bodies to any origin without asking it first."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type not in BODY_TYPES:
+        raise APIError(
+            415,
+            "The body must be application/json (or multipart/form-data, as the OpenAI SDK sends it).",
+            "unsupported_media_type",
+        )
     data: Any
     try:
-        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        if media_type == "multipart/form-data":
             form = await request.form()
             data = {key: value for key, value in form.multi_items() if isinstance(value, str)}
             files = [key for key, value in form.multi_items() if not isinstance(value, str)]
@@ -40,8 +48,8 @@ async def read_body(request: Request, model: type[M]) -> M:
         raise
     except Exception as exc:
         raise APIError(400, f"Could not parse the request body as JSON or form data: {exc}", "invalid_body") from exc
-    try:
-        return model.model_validate(data)
+    try:  # JSON says its types (true is not 1, "5" is not 5); a form's fields are all text
+        return model.model_validate(data, strict=media_type == "application/json")
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
 
@@ -49,5 +57,5 @@ async def read_body(request: Request, model: type[M]) -> M:
 def body_schema(model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI requestBody for a handler that reads its body itself (JSON or form)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    content = {kind: {"schema": schema} for kind in ("application/json", "multipart/form-data")}
+    content = {kind: {"schema": schema} for kind in BODY_TYPES}
     return {"requestBody": {"required": True, "content": content}}

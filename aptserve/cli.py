@@ -130,14 +130,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from aptserve.server.app import create_app
+    from aptserve.server.edge import uvicorn_config
     from aptserve.server.settings import settings_from_args
 
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
         raise ValueError(str(exc)) from exc
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.Server(uvicorn_config(create_app(settings))).run()
     return 0
 
 
@@ -202,6 +202,61 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export the generator and VAE decoder for another runtime")
+    formats = p.add_subparsers(dest="format", required=True)
+    o = formats.add_parser(
+        "onnx",
+        help="ONNX graphs at one static shape bucket (TensorRT's input): dit.onnx, decoder chunks, manifest.json",
+    )
+    o.add_argument(
+        "--model", default=None, help="checkpoint folder, name under models/, or preset (default: as generate)"
+    )
+    o.add_argument("--bucket", required=True, help="WIDTHxHEIGHTxFRAMES, e.g. 1280x720x49 (frames = 4*latents - 3)")
+    o.add_argument("--batch", type=int, default=1)
+    o.add_argument("--fp8", action="store_true", help="FP8 linears as QuantizeLinear/DequantizeLinear (e4m3)")
+    o.add_argument(
+        "--bf16-blocks",
+        type=int,
+        nargs="+",
+        default=(),
+        help="generator blocks kept out of FP8 (the server's bf16_blocks)",
+    )
+    o.add_argument(
+        "--attention", choices=("sdpa", "plugin"), default="sdpa", help="standard ops, or the TensorRT plugin node"
+    )
+    o.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="float32 is what onnxruntime checks; bfloat16 is for TensorRT (ONNX's Conv takes it from opset 22 only)",
+    )
+    o.add_argument("-o", "--output", type=Path, required=True, help="folder to write")
+    o.add_argument("--no-progress", action="store_true")
+    o.set_defaults(func=run_export_onnx)
+
+
+def run_export_onnx(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from aptserve.engines.loading import default_model
+    from aptserve.engines.onnx_export import EXPORT_DTYPES, export_model, parse_bucket
+
+    bucket = parse_bucket(args.bucket, args.batch)
+    with tqdm(total=2, desc="loading", disable=args.no_progress, unit="graph") as bar:
+
+        def step(name: str) -> None:  # called as each graph (generator, decoder) starts
+            bar.set_description(f"exporting {name}")
+            bar.update(1)
+
+        manifest = export_model(
+            args.model or default_model(), bucket, args.output, fp8=args.fp8, fp8_keep_blocks=args.bf16_blocks,
+            attention=args.attention, dtype=EXPORT_DTYPES[args.dtype], progress=step,
+        )  # fmt: skip
+    log.info("wrote %s: %s", args.output, ", ".join(g["file"] for g in manifest["graphs"].values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aptserve", description="One-step text-to-video: generate, serve, bench.")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -211,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_eval_parser(subparsers)
     add_analyze_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

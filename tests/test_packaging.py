@@ -87,8 +87,9 @@ def test_console_script_and_module_entry_point():
 
 
 # Accelerator libraries imported only behind a capability check: torch's CUDA build brings triton, TensorRT is
-# installed by hand where it exists (aptserve.engines.backends.tensorrt).
-OPTIONAL_IMPORTS = {"triton", "tensorrt"}
+# installed by hand where it exists (aptserve.engines.backends.tensorrt); onnx comes with the `export` extra
+# (aptserve export onnx), imported where the export runs.
+OPTIONAL_IMPORTS = {"triton", "tensorrt", "onnx"}
 
 
 def third_party_imports(folder: Path) -> set[str]:

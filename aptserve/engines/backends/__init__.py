@@ -50,12 +50,15 @@ def prepare(
 ) -> T:
     """Make `target` run on `backend` with the given options (see `eager.apply_options`); returns `target`.
 
-    Extra keyword arguments go to the backend: for `compiled`, `mode`, `compiler` and `cuda_graphs`.
+    Extra keyword arguments go to the backend: for `compiled`, `mode`, `compiler` and `cuda_graphs`; for
+    `tensorrt` (unverified), `onnx_dir` and `cache_dir`.
     """
     if backend not in _PREPARE:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend != "compiled" and backend_options:
-        raise ValueError(f"options {sorted(backend_options)} apply to the compiled backend only, not {backend!r}")
+    if backend not in ("compiled", "tensorrt") and backend_options:
+        raise ValueError(
+            f"options {sorted(backend_options)} apply to the compiled and tensorrt backends, not {backend!r}"
+        )
     for module in modules_of(target):
         options = {
             "attention": attention,

@@ -22,9 +22,9 @@ BF16_RATIO = 2.0  # our bf16 error at most 2x diffusers' own, both against diffu
 FP8_BOUND = 5e-2  # relative (Frobenius) error of FP8 linears against the same model in fp32
 
 
-def diffusers_model(config: WanConfig = TINY, seed: int = 0):
-    torch.manual_seed(seed)
-    model = diffusers.WanTransformer3DModel(
+def diffusers_transformer(config: WanConfig = TINY):
+    """diffusers' WanTransformer3DModel with `config`'s shape, at its own initial values."""
+    return diffusers.WanTransformer3DModel(
         patch_size=config.patch_size,
         num_attention_heads=config.num_heads,
         attention_head_dim=config.head_dim,
@@ -37,7 +37,12 @@ def diffusers_model(config: WanConfig = TINY, seed: int = 0):
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=config.eps,
-    )
+    ).eval()
+
+
+def diffusers_model(config: WanConfig = TINY, seed: int = 0):
+    torch.manual_seed(seed)
+    model = diffusers_transformer(config)
     with torch.no_grad():  # move every norm weight, bias and table off its default value
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -19,6 +19,8 @@ from aptserve.engines.wan_formats import (
     original_to_diffusers_vae,
 )
 from aptserve.engines.wan_vae import diffusers_vae_to_ours
+from tests.engines.test_wan import diffusers_transformer
+from tests.engines.test_wan_vae import TINY as TINY_VAE
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the test-only oracle for Wan2.1 checkpoint formats")
 from diffusers.loaders.lora_conversion_utils import (  # noqa: E402
@@ -31,16 +33,6 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 )
 
 TINY = WAN_PRESETS["wan-tiny"]
-TINY_VAE = VAEConfig(
-    layout="wan2.1",
-    latent_channels=4,
-    base_channels=8,
-    num_res_blocks=2,
-    decoder_res_blocks=3,
-    mid_attention=True,
-    latent_mean=(-0.5, 0.25, 1.0, -0.1),
-    latent_std=(2.0, 0.5, 1.5, 3.0),
-)
 RANK = 4
 # Original per-block linear -> diffusers (WAN.md's rename table), for writing PEFT-layout LoRAs and references.
 LINEARS = {
@@ -146,23 +138,6 @@ def original_vae(config: VAEConfig = TINY_VAE, seed: int = 0) -> dict[str, torch
     shapes["decoder.head.0.gamma"] = (dims[-1], 1, 1, 1)
     conv("decoder.head.2", 3, dims[-1], 3, 3, 3)
     return _random(shapes, seed)
-
-
-def diffusers_transformer(config: WanConfig = TINY):
-    return diffusers.WanTransformer3DModel(
-        patch_size=config.patch_size,
-        num_attention_heads=config.num_heads,
-        attention_head_dim=config.head_dim,
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        text_dim=config.text_dim,
-        freq_dim=config.freq_dim,
-        ffn_dim=config.ffn_dim,
-        num_layers=config.depth,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=config.eps,
-    ).eval()
 
 
 def _assert_same_tensors(ours: dict, theirs: dict) -> None:

@@ -208,7 +208,8 @@ def test_spec_loads_original_format_weights_and_merges_a_lora(tiny_wan_folder, t
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     from safetensors.torch import save_file
 
-    from tests.engines.test_wan_formats import diffusers_transformer, original_transformer
+    from tests.engines.test_wan import diffusers_transformer
+    from tests.engines.test_wan_formats import original_transformer
 
     original = original_transformer(seed=5)  # wan-tiny's shape, the tiny folder's transformer's shape
     save_file(original, tmp_path / "distilled.safetensors")

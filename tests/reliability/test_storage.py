@@ -152,13 +152,16 @@ def test_disk_full_mid_job_fails_only_that_job_and_never_strands_it(tmp_path, mo
         wait_for(lambda: status(client, job["id"]) == "failed")
         error = client.get(f"/v1/videos/{job['id']}").json()["error"]
         assert error["code"] == "storage_full" and error["message"] and not leaks(error["message"])
-        assert not services.store.writable  # what /readyz reports
+        assert not services.store.writable
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json() == {"status": "storage", "error": "storage_full"}
         refused = client.post("/v1/videos", json=JOB)
         assert refused.status_code == 507, refused.text
         assert refused.json()["error"]["code"] == "storage_full" and not leaks(refused.text)
 
         filler.unlink()
         wait_for(lambda: services.store.writable)
+        assert client.get("/readyz").status_code == 200
         wait_for(lambda: stored_status(data, job["id"]) == "failed")  # recorded once the disk took writes again
         again = client.post("/v1/videos", json=JOB).json()
         wait_for(lambda: status(client, again["id"]) == COMPLETED)

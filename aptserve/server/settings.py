@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     cuda_graphs: bool = Field(False, description="CUDA graphs per shape bucket (compiled backend, CUDA only)")
     channels_last: bool = Field(False, description="channels-last (NDHWC) VAE decoder")
     decoder: str = Field("full", description="VAE decoder: full, or light (the model's distilled light decoder)")
+    tensorrt_dir: str | None = Field(
+        None, description="backend=tensorrt (unverified): the folder `aptserve export onnx` wrote for this model"
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 429")
     max_body_bytes: int = Field(
         65536, ge=1024, description="largest request body (JSON or multipart); larger gets 413 before it is read"
@@ -144,6 +147,7 @@ class Settings(BaseSettings):
             channels_last=self.channels_last,
             compiler=self.compiler,
             decoder=self.decoder,
+            tensorrt_dir=self.tensorrt_dir,
         )
 
 

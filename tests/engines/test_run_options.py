@@ -26,7 +26,7 @@ def test_impossible_combinations_say_why_in_one_line(options, message, monkeypat
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("backend", "tensorrt"), ("attention", "flash"), ("decoder", "tiny"), ("compiler", "x")]
+    ("field", "value"), [("backend", "tensor"), ("attention", "flash"), ("decoder", "tiny"), ("compiler", "x")]
 )
 def test_unknown_values_are_rejected(field, value):
     with pytest.raises(ValueError, match=field):
@@ -53,3 +53,18 @@ def test_describe_names_every_option():
     described = RunOptions(backend="compiled", fp8_linears=True, fp8_emulation=True).describe()
     assert described["backend"] == "compiled" and described["fp8_linears"] is True
     assert set(described) >= {"backend", "attention", "fp8_linears", "bf16_blocks", "cuda_graphs", "decoder"}
+
+
+def test_tensorrt_is_selectable_and_says_what_it_needs(monkeypatch):
+    """Without TensorRT, selecting it is one line saying what to install; with it, it needs CUDA and an export."""
+    with pytest.raises(ValueError, match=r"needs the tensorrt package.*pip install tensorrt") as info:
+        RunOptions(backend="tensorrt", tensorrt_dir="export").check("cuda")
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr("aptserve.engines.backends.options.tensorrt_version", lambda: "10.9.0")
+    with pytest.raises(ValueError, match="runs on CUDA from tensorrt_dir"):
+        RunOptions(backend="tensorrt").check("cuda")
+    with pytest.raises(ValueError, match="runs on CUDA from tensorrt_dir"):
+        RunOptions(backend="tensorrt", tensorrt_dir="export").check("cpu")
+    RunOptions(backend="tensorrt", tensorrt_dir="export").check("cuda")
+    with pytest.raises(ValueError, match="set that backend or drop it"):
+        RunOptions(tensorrt_dir="export").check("cpu")

@@ -43,7 +43,7 @@ def build_info(url: str) -> dict[str, str]:
         (["--fp8-linears"], "fp8_linears needs a GPU with FP8 GEMMs"),
         (["--backend", "compiled", "--cuda-graphs"], "cuda_graphs needs a CUDA device"),
         (["--decoder", "light"], "ships no light decoder"),
-        (["--backend", "tensorrt"], "backend must be one of"),
+        (["--backend", "tensorrt"], "needs the tensorrt package"),
     ],
 )
 def test_an_impossible_combination_exits_with_one_line(flags, message, tmp_path):

@@ -14,11 +14,11 @@ import torch
 
 from aptserve import kernels
 from aptserve.engines.backends import BACKENDS, prepare
+from aptserve.engines.backends.tensorrt import MISSING_MESSAGE, tensorrt_version
 from aptserve.engines.pipeline import DECODERS
 from aptserve.engines.quant import SCALED_MM_MIN_CAPABILITY
 from aptserve.kernels._triton import INTERPRETED
 
-SERVABLE_BACKENDS = tuple(b for b in BACKENDS if b != "tensorrt")  # TensorRT: an export path, not a serving backend
 COMPILERS = ("inductor", "aot_eager")
 
 
@@ -33,9 +33,12 @@ class RunOptions:
     channels_last: bool = False
     compiler: str = "inductor"  # torch.compile backend for backend="compiled"
     decoder: str = "full"
+    # backend="tensorrt" (unverified): the folder `aptserve export onnx` wrote, whose engines run the generator and
+    # decoder (built on first use and cached)
+    tensorrt_dir: str | None = None
 
     def __post_init__(self) -> None:
-        _one_of("backend", self.backend, SERVABLE_BACKENDS)
+        _one_of("backend", self.backend, BACKENDS)
         _one_of("attention", self.attention, kernels.ATTENTION_IMPLS)
         _one_of("compiler", self.compiler, COMPILERS)
         _one_of("decoder", self.decoder, DECODERS)
@@ -45,6 +48,15 @@ class RunOptions:
     def check(self, device: str, depth: int | None = None) -> None:
         """Raise ValueError (one line) when this combination cannot run on `device` for a generator of `depth`."""
         cuda = device.startswith("cuda")
+        if self.backend == "tensorrt":
+            if tensorrt_version() is None:
+                raise ValueError(MISSING_MESSAGE)
+            if not cuda or not self.tensorrt_dir:
+                raise ValueError(
+                    "backend=tensorrt runs on CUDA from tensorrt_dir, the folder aptserve export onnx wrote"
+                )
+        elif self.tensorrt_dir:
+            raise ValueError("tensorrt_dir names engines for backend=tensorrt; set that backend or drop it")
         if self.cuda_graphs and not cuda:
             raise ValueError(f"cuda_graphs needs a CUDA device; this server runs on {device}")
         if self.cuda_graphs and self.backend != "compiled":
@@ -64,6 +76,8 @@ class RunOptions:
     def apply(self, target: Any) -> Any:
         """One `prepare` call: the backend with every option (see `aptserve.engines.backends.prepare`)."""
         compiled = {"compiler": self.compiler, "cuda_graphs": self.cuda_graphs} if self.backend == "compiled" else {}
+        if self.backend == "tensorrt":
+            compiled = {"onnx_dir": self.tensorrt_dir}
         return prepare(
             target,
             self.backend,

@@ -23,6 +23,20 @@ from aptserve import kernels
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# An attention impl name (kernels.ATTENTION_IMPLS), or a callable (q, k, v, key_padding_mask) -> out standing in
+# for kernels.attention: the sequence-parallel attention of engines.parallel.
+Attention = str | Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, impl: Attention
+) -> torch.Tensor:
+    """kernels.attention by impl name, or the callable given in its place."""
+    if callable(impl):
+        return impl(q, k, v, key_padding_mask)
+    return kernels.attention(q, k, v, key_padding_mask, impl=impl)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000 so the frequencies see DDPM-like integers)."""
     half = dim // 2
@@ -164,7 +178,7 @@ class MMDiTBlock(nn.Module):
         mod: torch.Tensor,  # (B, 2 * MOD_ROWS, D) shared modulation
         rope: torch.Tensor,  # (Nv, Dh / 2)
         key_padding_mask: torch.Tensor,  # (B, Nt + Nv) bool
-        attention_impl: str,
+        attention_impl: Attention,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows = self.mod_table.shape[0]
         mod = mod[:, :rows] + self.mod_table  # (B, rows, D)
@@ -176,7 +190,7 @@ class MMDiTBlock(nn.Module):
         vq, vk = apply_rope(vq, rope), apply_rope(vk, rope)
         q = vq if self.context_pre_only else torch.cat([tq, vq], 2)  # (B, H, Nq, Dh)
         k, v = torch.cat([tk, vk], 2), torch.cat([tv, vv], 2)  # (B, H, Nt + Nv, Dh)
-        out = kernels.attention(q, k, v, key_padding_mask, impl=attention_impl).transpose(1, 2).flatten(2)
+        out = attend(q, k, v, key_padding_mask, attention_impl).transpose(1, 2).flatten(2)
         num_text_queries = q.shape[2] - video.shape[1]
         text_attn, video_attn = out[:, :num_text_queries], out[:, num_text_queries:]  # (B, N, D)
 

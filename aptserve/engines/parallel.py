@@ -23,9 +23,8 @@ from torch import nn
 from aptserve import kernels
 from aptserve.engines.dit import (
     MOD_ROWS,
+    Attention,
     MMDiT,
-    MMDiTBlock,
-    apply_rope,
     check_inputs,
     modulate,
     rope_3d,
@@ -33,7 +32,7 @@ from aptserve.engines.dit import (
 )
 from aptserve.engines.vae import SPATIAL_FACTOR, CausalVAE, ConvCache, DecodeCache, Decoder, SpatialAttention, Upsample
 from aptserve.engines.wan import MOD_ROWS as WAN_MOD_ROWS
-from aptserve.engines.wan import SelfAttention, WanBlock, WanTransformer, rotate_pairs, split_heads, wan_rope
+from aptserve.engines.wan import WanTransformer, wan_rope
 
 # ---------------------------------------------------------------------------------------------------------------
 # Attention over a sequence split across ranks
@@ -193,74 +192,6 @@ def _shard(x: torch.Tensor, plan: SequenceParallelPlan, dim: int) -> torch.Tenso
     return F.pad(x, pad).narrow(dim, plan.rank * size, size)
 
 
-def _mmdit_block(
-    block: MMDiTBlock,
-    video: torch.Tensor,  # (B, n, D) this rank's shard
-    text: torch.Tensor,  # (B, Nt, D) replicated
-    mod: torch.Tensor,
-    rope: torch.Tensor,  # (n, Dh / 2) this rank's shard
-    key_padding_mask: torch.Tensor,  # (B, Nt + n)
-    plan: SequenceParallelPlan,
-    impl: str,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`MMDiTBlock.forward` with the joint attention over [text; every rank's video]."""
-    mod = mod[:, : block.mod_table.shape[0]] + block.mod_table  # (B, rows, D)
-    v_shift1, v_scale1, v_gate1, v_shift2, v_scale2, v_gate2 = mod[:, :MOD_ROWS].unbind(1)
-    t_mod = mod[:, MOD_ROWS:].unbind(1)
-    vq, vk, vv = block.video_in(video, v_shift1, v_scale1)  # (B, H, n, Dh)
-    tq, tk, tv = block.text_in(text, t_mod[0], t_mod[1])  # (B, H, Nt, Dh)
-    vq, vk = apply_rope(vq, rope), apply_rope(vk, rope)
-    q = vq if block.context_pre_only else torch.cat([tq, vq], 2)  # (B, H, Nq, Dh)
-    k, v = torch.cat([tk, vk], 2), torch.cat([tv, vv], 2)  # (B, H, Nt + n, Dh)
-    out = sequence_parallel_attention(q, k, v, key_padding_mask, plan, impl).transpose(1, 2).flatten(2)
-    num_text_queries = q.shape[2] - video.shape[1]
-    text_attn, video_attn = out[:, :num_text_queries], out[:, num_text_queries:]  # (B, N, D)
-
-    video = video + v_gate1[:, None] * block.video_out(video_attn)
-    video = video + v_gate2[:, None] * block.video_mlp(modulate(block.video_mlp_norm(video), v_shift2, v_scale2))
-    if block.context_pre_only:
-        return video, None
-    _, _, t_gate1, t_shift2, t_scale2, t_gate2 = t_mod
-    text = text + t_gate1[:, None] * block.text_out(text_attn)
-    text = text + t_gate2[:, None] * block.text_mlp(modulate(block.text_mlp_norm(text), t_shift2, t_scale2))
-    return video, text
-
-
-def _wan_self_attention(
-    attn: SelfAttention,
-    x: torch.Tensor,
-    rope: torch.Tensor,
-    mask: torch.Tensor,
-    plan: SequenceParallelPlan,
-    impl: str,
-) -> torch.Tensor:
-    """`SelfAttention.forward` over every rank's video tokens; x (B, n, D) and rope (2, n, Dh / 2) are shards."""
-    q, k, v = attn.qkv(x).chunk(3, dim=-1)  # (B, n, D) each
-    q = rotate_pairs(split_heads(attn.q_norm(q), attn.num_heads), rope)  # (B, H, n, Dh)
-    k = rotate_pairs(split_heads(attn.k_norm(k), attn.num_heads), rope)
-    out = sequence_parallel_attention(q, k, split_heads(v, attn.num_heads), mask, plan, impl)
-    return attn.proj(out.transpose(1, 2).flatten(2))  # (B, n, D)
-
-
-def _wan_block(
-    block: WanBlock,
-    x: torch.Tensor,  # (B, n, D) this rank's shard
-    text: torch.Tensor,  # (B, L, D) replicated: cross-attention needs no communication
-    mod: torch.Tensor,
-    rope: torch.Tensor,  # (2, n, Dh / 2) this rank's shard
-    mask: torch.Tensor,  # (B, n) False on padding tokens
-    plan: SequenceParallelPlan,
-    impl: str,
-) -> torch.Tensor:
-    """`WanBlock.forward` with the self-attention over every rank's video tokens."""
-    shift1, scale1, gate1, shift2, scale2, gate2 = (block.mod_table.float() + mod.float()).unbind(1)  # (B, D)
-    h = (block.norm1(x) * (1 + scale1[:, None]) + shift1[:, None]).to(x.dtype)
-    x = (x.float() + _wan_self_attention(block.self_attn, h, rope, mask, plan, impl) * gate1[:, None]).to(x.dtype)
-    x = x + block.cross_attn(block.cross_norm(x).to(x.dtype), text, impl)
-    h = (block.norm3(x) * (1 + scale2[:, None]) + shift2[:, None]).to(x.dtype)
-    return (x.float() + block.mlp(h).float() * gate2[:, None]).to(x.dtype)
-
-
 class SequenceParallel(nn.Module):
     """An MMDiT or WanTransformer run by every rank of a process group on 1/degree of the video tokens each.
 
@@ -291,6 +222,14 @@ class SequenceParallel(nn.Module):
     def _gather(self, tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
         return _all_gather(tokens, self.plan.group, dim=1)[:, :num_tokens]  # (B, N, ...)
 
+    def _attention(self, impl: str) -> Attention:
+        """kernels.attention's stand-in for the generator's blocks: the same impl, across the plan's ranks."""
+
+        def attention(q, k, v, key_padding_mask):
+            return sequence_parallel_attention(q, k, v, key_padding_mask, self.plan, impl)
+
+        return attention
+
     def _after_block(self) -> None:
         if self.generator.between_blocks is not None:
             self.generator.between_blocks()
@@ -306,10 +245,9 @@ class SequenceParallel(nn.Module):
         rope = _shard(rope_3d(grid, g.config.head_dim, g.config.rope_theta, x.device), plan, dim=0)  # (n, Dh/2)
         text_keys = text_mask.bool() & (plan.rank == 0)  # each text key counted once across the ranks
         key_padding_mask = torch.cat([text_keys, self._video_mask(patches.shape[1], x.shape[0], x.device)], dim=1)
-        for block in g.blocks:
-            video, text_tokens = _mmdit_block(
-                block, video, text_tokens, mod, rope, key_padding_mask, plan, g.attention_impl
-            )
+        attention = self._attention(g.attention_impl)
+        for block in g.blocks:  # the blocks themselves, with the joint attention spanning every rank's video
+            video, text_tokens = block(video, text_tokens, mod, rope, key_padding_mask, attention)
             self._after_block()
         shift, scale = g.final_mod(cond).chunk(2, dim=-1)
         tokens = g.final_proj(modulate(g.final_norm(video), shift, scale))  # (B, n, patch_dim)
@@ -327,8 +265,13 @@ class SequenceParallel(nn.Module):
         mod = g.time_mod(temb).unflatten(-1, (WAN_MOD_ROWS, -1))  # (B, 6, D)
         rope = _shard(wan_rope(grid, g.config.head_dim, g.config.rope_theta, x.device), plan, dim=1)  # (2, n, Dh/2)
         mask = self._video_mask(num_tokens, x.shape[0], x.device)
-        for block in g.blocks:
-            video = _wan_block(block, video, text_tokens, mod, rope, mask, plan, g.attention_impl)
+        distributed = self._attention(g.attention_impl)
+
+        def self_attention(q, k, v, _):  # every rank's video tokens, this rank's padding masked
+            return distributed(q, k, v, mask)
+
+        for block in g.blocks:  # cross-attention to the replicated text stays local
+            video = block(video, text_tokens, mod, rope, g.attention_impl, self_attention=self_attention)
             self._after_block()
         shift, scale = (g.final_table.float() + temb.float()[:, None]).unbind(1)  # (B, D) each
         video = (g.final_norm(video) * (1 + scale[:, None]) + shift[:, None]).to(video.dtype)

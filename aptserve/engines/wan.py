@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aptserve import kernels
-from aptserve.engines.dit import Mlp, RMSNorm, check_inputs, rope_3d, timestep_embedding
+from aptserve.engines.dit import Attention, Mlp, RMSNorm, attend, check_inputs, rope_3d, timestep_embedding
 
 # Modules kept out of FP8 (the quantiser's skip prefixes): embeddings, the shared modulation and the final layer.
 # Per-block and final tables are parameters, not linears, so they are never touched.
@@ -72,11 +72,11 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(dim, eps)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, attention_impl: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, attention_impl: Attention) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, N, D) each
         q = rotate_pairs(split_heads(self.q_norm(q), self.num_heads), rope)  # (B, H, N, Dh)
         k = rotate_pairs(split_heads(self.k_norm(k), self.num_heads), rope)
-        out = kernels.attention(q, k, split_heads(v, self.num_heads), None, impl=attention_impl)
+        out = attend(q, k, split_heads(v, self.num_heads), None, attention_impl)
         return self.proj(out.transpose(1, 2).flatten(2))  # (B, N, D)
 
 
@@ -126,10 +126,11 @@ class WanBlock(nn.Module):
         mod: torch.Tensor,  # (B, 6, D) shared time modulation
         rope: torch.Tensor,  # (2, N, Dh / 2)
         attention_impl: str,
+        self_attention: Attention | None = None,  # in place of attention_impl for the self-attention only
     ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.mod_table.float() + mod.float()).unbind(1)  # (B, D)
         h = (self.norm1(x) * (1 + scale1[:, None]) + shift1[:, None]).to(x.dtype)
-        x = (x.float() + self.self_attn(h, rope, attention_impl) * gate1[:, None]).to(x.dtype)
+        x = (x.float() + self.self_attn(h, rope, self_attention or attention_impl) * gate1[:, None]).to(x.dtype)
         x = x + self.cross_attn(self.cross_norm(x).to(x.dtype), text, attention_impl)
         h = (self.norm3(x) * (1 + scale2[:, None]) + shift2[:, None]).to(x.dtype)
         return (x.float() + self.mlp(h).float() * gate2[:, None]).to(x.dtype)

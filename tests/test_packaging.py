@@ -88,8 +88,9 @@ def test_console_script_and_module_entry_point():
 
 # Accelerator libraries imported only behind a capability check: torch's CUDA build brings triton, TensorRT is
 # installed by hand where it exists (aptserve.engines.backends.tensorrt); onnx comes with the `export` extra
-# (aptserve export onnx), imported where the export runs.
-OPTIONAL_IMPORTS = {"triton", "tensorrt", "onnx"}
+# (aptserve export onnx), imported where the export runs; psycopg with the `postgres` extra, imported only when a
+# database URL is set.
+OPTIONAL_IMPORTS = {"triton", "tensorrt", "onnx", "psycopg"}
 
 
 def third_party_imports(folder: Path) -> set[str]:

@@ -88,14 +88,27 @@ def build_services(settings: Settings) -> Services:
         settings.prompt_completion,
     )
     try:
-        store = JobStore(settings.data_dir, ttl_seconds=settings.job_ttl_s)
+        store = open_store(settings)
         secret = owner_secret(settings.data_dir)
     except (StorageError, OSError) as exc:
         raise ValueError(f"data_dir {settings.data_dir} is not writable: {exc}") from exc
+    if store.shared_queue:  # every replica hashes owners alike: the first secret stored is everyone's
+        secret = store.shared_secret(secret)
     keys = KeyRing(settings.api_keys, settings.admin_api_keys, secret, settings.rate_limit_per_minute)
     generation = Generation(settings, metrics, scheduler, worker, name, config)
     jobs = JobManager(generation, store)
     return Services(settings, metrics, worker, store, generation, jobs, options, device, keys)
+
+
+def open_store(settings: Settings) -> JobStore:
+    """SQLite in the data dir; with a database URL, the PostgreSQL store that several replicas share."""
+    if settings.database_url is None:
+        return JobStore(settings.data_dir, ttl_seconds=settings.job_ttl_s)
+    try:
+        from aptserve.server.pgstore import PgJobStore
+    except ImportError as exc:
+        raise ValueError(f"database_url needs psycopg (pip install 'aptserve[postgres]'): {exc}") from exc
+    return PgJobStore(settings.database_url, settings.data_dir, settings.job_ttl_s, settings.lease_s)
 
 
 def load_pipeline(settings: Settings, options: RunOptions, device: str, dtype):
@@ -140,6 +153,9 @@ async def lifespan(app: FastAPI):
         asyncio.create_task(services.jobs.cleanup_loop(settings.cleanup_interval_s)),
         asyncio.create_task(services.jobs.storage_loop(settings.storage_probe_interval_s)),
     ]
+    if services.store.shared_queue:
+        lease_loop = services.jobs.lease_loop(settings.claim_interval_s, settings.lease_s / 3)
+        loops.append(asyncio.create_task(lease_loop))
     try:
         yield
     finally:

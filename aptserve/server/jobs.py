@@ -59,18 +59,24 @@ class JobManager:
         )
         if self.store.fault is not None and self.store.probe() is not None:
             raise self._refusal(self.store.fault)  # known unwritable (checked again now): nothing is queued
-        ticket = self.generation.submit(request)  # 429 before anything is stored
+        # 429 before anything is stored; a shared queue's row is all there is until a replica claims it.
+        ticket = None if self.store.shared_queue else self.generation.submit(request)
         try:
             self.store.create(job)
         except StorageError as exc:  # no row, so no work: the engine must not generate it
-            self.generation.cancel(ticket, "storage")
+            self._cancel(ticket, "storage")
             log.error("job %s refused: %s", job_id, exc)
             raise self._refusal(exc) from exc
         except BaseException:
-            self.generation.cancel(ticket, "error")
+            self._cancel(ticket, "error")
             raise
-        self._start(job, ticket)
+        if ticket is not None:
+            self._start(job, ticket)
         return job
+
+    def _cancel(self, ticket: Ticket | None, reason: str) -> None:
+        if ticket is not None:
+            self.generation.cancel(ticket, reason)
 
     def _refusal(self, fault: StorageError) -> APIError:
         retry = {"Retry-After": str(math.ceil(self.generation.settings.storage_probe_interval_s))}
@@ -189,6 +195,37 @@ class JobManager:
             ticket.cancel("shutdown")
             task.cancel()
         await asyncio.gather(*(task for _, task in list(self.running.values())), return_exceptions=True)
+
+    async def lease_loop(self, claim_interval_s: float, heartbeat_s: float) -> None:
+        """Several replicas (a store with a shared queue): renew the leases on this replica's jobs, cancelling those
+        deleted or taken over elsewhere, and claim queued work up to its free capacity (`max_batch_size` jobs) while it
+        can run it: model loaded and warmed, data dir writable."""
+        capacity, renewed_at, worker = self.generation.settings.max_batch_size, -math.inf, self.generation.worker
+        while True:
+            try:
+                if time.monotonic() - renewed_at >= heartbeat_s:
+                    renewed_at = time.monotonic()
+                    await self._renew_leases()
+                can_run = worker.ready.is_set() and worker.load_error is None and self.store.writable
+                if can_run and (free := capacity - len(self.running)) > 0:
+                    claimed, failed = await asyncio.to_thread(
+                        self.store.claim, free, self.generation.settings.max_attempts
+                    )
+                    for job in failed:
+                        log.warning("job %s failed after %d interrupted attempts", job.id, job.attempts)
+                    for job in claimed:
+                        self.resubmit(job)
+            except Exception:  # the database is unreachable: other replicas take over the jobs whose leases expire
+                log.exception("job leases not renewed or claimed this time")
+            await asyncio.sleep(claim_interval_s)
+
+    async def _renew_leases(self) -> None:
+        held = list(self.running)
+        kept = await asyncio.to_thread(self.store.renew, held)
+        for job_id in held:
+            if job_id not in kept and (running := self.running.get(job_id)) is not None:
+                log.warning("job %s was deleted or taken over by another replica: cancelled here", job_id)
+                self.generation.cancel(running[0], "deleted")
 
     async def cleanup_loop(self, interval_s: float) -> None:
         while True:

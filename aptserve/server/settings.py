@@ -56,6 +56,18 @@ class Settings(BaseSettings):
     storage_probe_interval_s: float = Field(
         5.0, gt=0, description="how often the data dir is checked for writes (/readyz is not ready while it refuses)"
     )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL (postgresql://user@host/db) of a job store shared by several replicas, which "
+        "claim asynchronous jobs from it; they must share data_dir too (unset: SQLite in data_dir, one replica)",
+    )
+    lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="with database_url: a replica renews its leases on its jobs every lease_s / 3; a job whose lease "
+        "expired (its replica died) is claimed by another replica",
+    )
+    claim_interval_s: float = Field(0.5, gt=0, description="with database_url: how often a replica claims queued jobs")
     max_attempts: int = Field(3, ge=1, description="restarts a job may survive before it is failed")
     max_seconds: float = Field(10.0, gt=0, description="longest clip a client may ask for")
     max_pixels: int = Field(1280 * 720, ge=256, description="largest width x height a client may ask for")

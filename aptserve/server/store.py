@@ -127,6 +127,9 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 class JobStore:
     """Thread-safe job metadata (SQLite) plus MP4 files in `data_dir/videos/`."""
 
+    shared_queue = False  # one process runs every job it stores (pgstore.PgJobStore: replicas claim them)
+    _duplicate: type[Exception] = sqlite3.IntegrityError
+
     def __init__(self, data_dir: str | Path, ttl_seconds: float = 86400, clock: Callable[[], float] = time.time):
         if ttl_seconds < 0:
             raise ValueError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
@@ -271,7 +274,7 @@ class JobStore:
                 placeholders = ", ".join("?" * len(_COLUMNS))
                 values = tuple(getattr(job, name) for name in _COLUMNS)
                 conn.execute(f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", values)
-        except sqlite3.IntegrityError as e:
+        except self._duplicate as e:
             raise ValueError(f"job {job.id} already exists") from e
         return job
 

@@ -1,0 +1,176 @@
+"""The job store of several replicas: job rows in PostgreSQL (`APTSERVE_DATABASE_URL`), MP4s on the shared data dir.
+
+The same store as `store.JobStore` (its queries run here through a `?` -> `%s` adapter), plus a shared queue: every
+replica claims queued jobs with `SELECT ... FOR UPDATE SKIP LOCKED` and holds each under a lease it renews while the
+job is queued or running locally. A job whose lease expired (its replica died) is claimed again by another replica,
+or failed once it has started `max_attempts` times. Every transition of a running job requires the lease, so a job
+is never completed twice; a job deleted or taken over elsewhere is cancelled at its replica's next heartbeat.
+Imported only when a database URL is set, so the server runs without psycopg.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import psycopg.errors
+
+from aptserve.server.store import FAILED, IN_PROGRESS, QUEUED, JobStore, StorageError, VideoJob, storage_fault
+
+_LOCK_KEY = 0x61707473  # advisory lock: replicas starting together create the schema once
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE, status TEXT NOT NULL, progress INTEGER NOT NULL,
+    created_at BIGINT NOT NULL, completed_at BIGINT, expires_at BIGINT,
+    model TEXT NOT NULL, prompt TEXT NOT NULL, size TEXT NOT NULL, seconds TEXT NOT NULL,
+    seed BIGINT NOT NULL, steps INTEGER NOT NULL, fps INTEGER NOT NULL,
+    error_code TEXT, error_message TEXT, attempts INTEGER NOT NULL, bytes BIGINT NOT NULL,
+    revised_prompt TEXT, owner TEXT,
+    lease_owner TEXT, lease_expires_at TIMESTAMPTZ  -- the replica holding the job, until when
+);
+CREATE INDEX IF NOT EXISTS jobs_created_at ON jobs (created_at, seq);
+CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created_at, seq);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs (created_at, seq) WHERE status IN ('queued', 'in_progress');
+CREATE TABLE IF NOT EXISTS aptserve_meta (name TEXT PRIMARY KEY, value BYTEA NOT NULL);
+"""
+_UNHELD = "(lease_owner IS NULL OR lease_expires_at < now())"
+_LEASE = "now() + make_interval(secs => ?)"
+
+
+class _QmarkConnection:
+    """A psycopg connection (autocommit) that takes the `?` placeholders of the SQLite store's queries."""
+
+    def __init__(self, url: str):
+        self.raw = psycopg.connect(url, autocommit=True)
+
+    def execute(self, sql: str, params: tuple | list = ()) -> psycopg.Cursor:
+        return self.raw.execute(sql.replace("?", "%s"), params)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class PgJobStore(JobStore):
+    """Job rows in PostgreSQL shared by replicas; MP4s in `data_dir/videos/`, which every replica mounts."""
+
+    shared_queue = True
+    _duplicate = psycopg.errors.UniqueViolation
+
+    def __init__(
+        self,
+        url: str,
+        data_dir: str | Path,
+        ttl_seconds: float = 86400,
+        lease_s: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        if ttl_seconds < 0 or lease_s <= 0:
+            raise ValueError(f"ttl_seconds must be >= 0 and lease_s > 0, got {ttl_seconds} and {lease_s}")
+        self.data_dir = Path(data_dir)
+        self.videos_dir = self.data_dir / "videos"
+        self._ttl, self._clock, self.lease_s = ttl_seconds, clock, lease_s
+        self._lock = threading.Lock()
+        self.fault: StorageError | None = None
+        self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        try:
+            self.videos_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise storage_fault(exc) or StorageError(False, str(exc)) from exc
+        if self.probe() is not None:
+            raise self.fault
+        self._conn = _QmarkConnection(url)
+        with self._write() as conn:
+            conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")
+            conn.raw.execute(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[_QmarkConnection]:
+        with self._lock, self._conn.raw.transaction():
+            yield self._conn
+
+    def shared_secret(self, candidate: bytes) -> bytes:
+        """The owner-hash secret every replica uses: the first one stored (`candidate` if none is yet)."""
+        with self._write() as conn:
+            conn.execute("INSERT INTO aptserve_meta VALUES ('owner_secret', ?) ON CONFLICT DO NOTHING", (candidate,))
+            return bytes(conn.execute("SELECT value FROM aptserve_meta WHERE name = 'owner_secret'").fetchone()[0])
+
+    def partial_path(self, job_id: str) -> Path:
+        # One per replica: a replica that lost its lease unnoticed never writes into its successor's file.
+        return self.video_path(job_id).with_name(f"{job_id}.{self.replica.replace(':', '-')}.mp4.part")
+
+    def _transition(
+        self, job_id: str, sources: tuple[str, ...], assignments: str, params: tuple, drop_files: bool = False
+    ) -> VideoJob | None:
+        """A transition of a job this replica holds; None if it is gone, elsewhere, or not in a source state."""
+        with self._write() as conn:
+            sql = f"UPDATE jobs SET {assignments} WHERE id = ? AND status = ANY(?) AND lease_owner = ?"
+            if conn.execute(sql, (*params, job_id, list(sources), self.replica)).rowcount == 0:
+                return None
+            if drop_files:
+                self._remove_files(job_id)
+            return self._select("WHERE id = ?", (job_id,))[0]
+
+    def mark_completed(self, job_id: str, size_bytes: int) -> VideoJob | None:
+        job = super().mark_completed(job_id, size_bytes)
+        if job is None and self.get(job_id) is None:  # deleted while it ran: its video must not outlive it
+            self._remove_files(job_id)
+        return job
+
+    def requeue(self, job_id: str) -> VideoJob | None:
+        """Give a job this replica holds back to the shared queue (attempts kept); its partial output is discarded."""
+        sets = "status = ?, progress = 0, lease_owner = NULL, lease_expires_at = NULL"
+        return self._transition(job_id, (QUEUED, IN_PROGRESS), sets, (QUEUED,), drop_files=True)
+
+    def recover(self, max_attempts: int = 3) -> tuple[list[VideoJob], list[VideoJob]]:
+        """Nothing to do at start: jobs of a replica that stopped are claimed again once their lease expires."""
+        return [], []
+
+    def claim(self, limit: int, max_attempts: int) -> tuple[list[VideoJob], list[VideoJob]]:
+        """Take up to `limit` jobs nobody holds (queued, or their replica's lease expired), oldest first, skipping rows
+        other replicas are claiming; returns (claimed, failed_now): a job that started `max_attempts` times fails."""
+        now = self._now()
+        with self._write() as conn:
+            rows = conn.execute(
+                f"SELECT id, status, attempts FROM jobs WHERE status = ANY(?) AND {_UNHELD} "
+                "ORDER BY created_at, seq LIMIT ? FOR UPDATE SKIP LOCKED",
+                ([QUEUED, IN_PROGRESS], limit),
+            ).fetchall()
+            exhausted = [
+                job_id for job_id, status, attempts in rows if status == IN_PROGRESS and attempts >= max_attempts
+            ]
+            taken = [row[0] for row in rows if row[0] not in exhausted]
+            conn.execute(
+                "UPDATE jobs SET status = ?, completed_at = ?, expires_at = ?, error_code = ?, "
+                "error_message = 'its replica stopped during generation too many times (' || attempts || "
+                "' attempts); giving up', lease_owner = NULL WHERE id = ANY(?)",
+                (FAILED, now, self._expiry(now), "interrupted", exhausted),
+            )
+            conn.execute(
+                f"UPDATE jobs SET status = ?, progress = 0, lease_owner = ?, lease_expires_at = {_LEASE} "
+                "WHERE id = ANY(?)",
+                (QUEUED, self.replica, self.lease_s, taken),
+            )
+            claimed = self._select("WHERE id = ANY(?) ORDER BY created_at, seq", (taken,))
+            failed = self._select("WHERE id = ANY(?)", (exhausted,))
+        for job_id in taken + exhausted:  # what a replica that stopped left behind
+            for path in self.videos_dir.glob(f"{job_id}.*.mp4.part"):
+                path.unlink(missing_ok=True)
+        return claimed, failed
+
+    def renew(self, job_ids: list[str]) -> set[str]:
+        """Extend this replica's leases on `job_ids`; returns those it still holds (not deleted, not taken over)."""
+        with self._write() as conn:
+            rows = conn.execute(
+                f"UPDATE jobs SET lease_expires_at = {_LEASE} WHERE id = ANY(?) AND lease_owner = ? AND status = ANY(?) "
+                "RETURNING id",
+                (self.lease_s, job_ids, self.replica, [QUEUED, IN_PROGRESS]),
+            ).fetchall()
+        return {row[0] for row in rows}

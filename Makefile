@@ -27,12 +27,14 @@ $(STAMP): $(LOCK) pyproject.toml
 	touch $@
 
 # Debian tools the default tier drives: chromium (demo-page browser test), promtool (Prometheus config and
-# rules) and kubectl (Kustomize render of deploy/k8s), never downloaded browsers or binaries. Installed where we can (root with apt-get).
+# rules), kubectl (Kustomize render of deploy/k8s) and PostgreSQL (the shared job store's tests), never downloaded
+# browsers or binaries. Installed where we can (root with apt-get).
 tools:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	command -v kubectl >/dev/null 2>&1 || missing="$$missing kubernetes-client"; \
+	command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

@@ -215,6 +215,8 @@ class JobManager:
                         log.warning("job %s failed after %d interrupted attempts", job.id, job.attempts)
                     for job in claimed:
                         self.resubmit(job)
+                backlog = await asyncio.to_thread(self.store.backlog)
+                self.generation.metrics.shared_queue_depth.set(backlog)
             except Exception:  # the database is unreachable: other replicas take over the jobs whose leases expire
                 log.exception("job leases not renewed or claimed this time")
             await asyncio.sleep(claim_interval_s)

@@ -79,6 +79,11 @@ class Metrics:
         self.frames_generated = Counter(f"{p}_frames_generated", "video frames produced", registry=r)
         self.stream_bytes = Counter(f"{p}_stream_bytes", "fMP4 bytes sent to streaming clients", registry=r)
         self.queue_depth = Gauge(f"{p}_queue_depth", "requests waiting for the engine", registry=r)
+        self.shared_queue_depth = Gauge(
+            f"{p}_shared_queue_depth",
+            "jobs waiting in the shared (PostgreSQL) queue that no replica holds; 0 with the SQLite store",
+            registry=r,
+        )
         self.inflight = Gauge(f"{p}_inflight_requests", "requests accepted and not yet finished", registry=r)
         self.batch_size = Histogram(
             f"{p}_batch_size", "requests per engine forward pass", buckets=BATCH_BUCKETS, registry=r

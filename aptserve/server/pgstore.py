@@ -165,6 +165,12 @@ class PgJobStore(JobStore):
                 path.unlink(missing_ok=True)
         return claimed, failed
 
+    def backlog(self) -> int:
+        """Jobs waiting that no replica holds: the shared queue's depth, what autoscaling adds replicas for."""
+        with self._lock:
+            row = self._conn.execute(f"SELECT count(*) FROM jobs WHERE status = ? AND {_UNHELD}", (QUEUED,)).fetchone()
+        return int(row[0])
+
     def renew(self, job_ids: list[str]) -> set[str]:
         """Extend this replica's leases on `job_ids`; returns those it still holds (not deleted, not taken over)."""
         with self._write() as conn:

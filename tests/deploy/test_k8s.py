@@ -107,13 +107,13 @@ def test_scaled_object_scales_on_the_queue_depth_the_server_exposes():
     (trigger,) = scaled["spec"]["triggers"]
     query = trigger["metadata"]["query"]
     names = set(re.findall(r"\b(aptserve_[a-z_]+)\b", query))
-    assert names == {"aptserve_queue_depth"}, query
+    # each replica's own waiting requests, plus the shared queue's backlog once replicas share PostgreSQL
+    assert names == {"aptserve_queue_depth", "aptserve_shared_queue_depth"}, query
     assert names <= exposed_metric_names()
     # the series as the ServiceMonitor labels them: job from the Service's name label, and this namespace
     service = one("Service")
     job = service["metadata"]["labels"][one("ServiceMonitor")["spec"]["jobLabel"]]
-    assert f'job="{job}"' in query
-    assert f'namespace="{scaled["metadata"]["namespace"]}"' in query
+    assert query.count(f'job="{job}"') == query.count(f'namespace="{scaled["metadata"]["namespace"]}"') == 2
 
 
 def test_probes_hit_the_server_routes():

@@ -72,11 +72,14 @@ def test_lease_rules_on_two_stores(database_url, tmp_path):
     first, second = (PgJobStore(database_url, tmp_path, lease_s=0.5) for _ in range(2))
     with first, second:
         created = first.create(job())
+        assert first.backlog() == second.backlog() == 1  # waiting, held by nobody
         assert [j.id for j in first.claim(10, max_attempts=2)[0]] == [created.id]
+        assert second.backlog() == 0
         assert second.claim(10, max_attempts=2) == ([], [])  # held
         assert first.mark_started(created.id).attempts == 1
         assert second.set_progress(created.id, 50) is None  # only the holder moves it
         time.sleep(0.6)  # the first replica "died": its lease ran out
+        assert second.backlog() == 0  # started, not waiting: taken over, not added to the backlog
         assert [j.id for j in second.claim(10, max_attempts=2)[0]] == [created.id]
         assert first.renew([created.id]) == set()  # the first sees it lost the job at its next heartbeat
         assert first.mark_completed(created.id, 1) is None  # and can never complete it
@@ -146,6 +149,8 @@ def test_many_jobs_each_run_once(replicas, database_url):
     assert {status for status, _, _ in found.values()} == {"completed"}
     assert {attempts for _, attempts, _ in found.values()} == {1}  # claimed and started once each
     assert sorted(p.name for p in (shared / "videos").iterdir()) == sorted(f"{i}.mp4" for i in ids)
+    for replica in (first, second):  # the backlog autoscaling reads: nothing left waiting
+        wait_for(lambda r=replica: "aptserve_shared_queue_depth 0.0" in httpx.get(r.url + "/metrics").text)
 
 
 def test_delete_on_one_replica_cancels_the_run_on_the_other(replicas, database_url):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from pathlib import Path
 import psycopg
 import psycopg.errors
 
-from aptserve.server.store import FAILED, IN_PROGRESS, QUEUED, JobStore, StorageError, VideoJob, storage_fault
+from aptserve.server.store import FAILED, IN_PROGRESS, QUEUED, JobStore, VideoJob
 
 _LOCK_KEY = 0x61707473  # advisory lock: replicas starting together create the schema once
 _SCHEMA = """
@@ -72,20 +71,11 @@ class PgJobStore(JobStore):
         lease_s: float = 30.0,
         clock: Callable[[], float] = time.time,
     ):
-        if ttl_seconds < 0 or lease_s <= 0:
-            raise ValueError(f"ttl_seconds must be >= 0 and lease_s > 0, got {ttl_seconds} and {lease_s}")
-        self.data_dir = Path(data_dir)
-        self.videos_dir = self.data_dir / "videos"
-        self._ttl, self._clock, self.lease_s = ttl_seconds, clock, lease_s
-        self._lock = threading.Lock()
-        self.fault: StorageError | None = None
+        if lease_s <= 0:
+            raise ValueError(f"lease_s must be > 0, got {lease_s}")
+        self._open_data_dir(data_dir, ttl_seconds, clock)
+        self.lease_s = lease_s
         self.replica = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        try:
-            self.videos_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise storage_fault(exc) or StorageError(False, str(exc)) from exc
-        if self.probe() is not None:
-            raise self.fault
         self._conn = _QmarkConnection(url)
         with self._write() as conn:
             conn.execute(f"SELECT pg_advisory_xact_lock({_LOCK_KEY})")

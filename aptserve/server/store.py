@@ -131,6 +131,11 @@ class JobStore:
     _duplicate: type[Exception] = sqlite3.IntegrityError
 
     def __init__(self, data_dir: str | Path, ttl_seconds: float = 86400, clock: Callable[[], float] = time.time):
+        self._open_data_dir(data_dir, ttl_seconds, clock)
+        self._conn = self._open_checked(self.data_dir / DATABASE)
+
+    def _open_data_dir(self, data_dir: str | Path, ttl_seconds: float, clock: Callable[[], float]) -> None:
+        """The file side every store shares: `data_dir/videos/` created and probed for writes (StorageError if not)."""
         if ttl_seconds < 0:
             raise ValueError(f"ttl_seconds must be >= 0, got {ttl_seconds}")
         self.data_dir = Path(data_dir)
@@ -145,7 +150,6 @@ class JobStore:
             raise storage_fault(exc) or StorageError(False, str(exc)) from exc
         if self.probe() is not None:
             raise self.fault
-        self._conn = self._open_checked(self.data_dir / DATABASE)
 
     def _open_checked(self, path: Path) -> sqlite3.Connection:
         """Connect; a database that fails its integrity check is moved aside (never deleted) for an empty one. Either

@@ -16,7 +16,7 @@ from aptserve.engines.loading import load_text_encoder
 from aptserve.engines.text import TextEncoder, TextEncoderConfig
 from aptserve.engines.vae import CausalVAE, LatentNormalisation, VAEConfig, normalisation_tensors
 from aptserve.training.common import autocast
-from aptserve.training.data import ShapesDataset, shorter_captions
+from aptserve.training.data import COLOURS, MOTIONS, SHAPES, ShapesDataset, named_attributes, shorter_captions
 
 log = logging.getLogger("aptserve.training.latents")
 
@@ -56,6 +56,32 @@ class LatentSet:
             pick = torch.rand(len(ids)) < shorter
             ids = torch.where(pick, self.shorter_ids[ids, torch.randint(self.shorter_ids.shape[1], (len(ids),))], ids)
         return self.latents[indices].float(), self.text_tokens[ids].float(), self.text_mask[ids]
+
+    def mismatched(
+        self, indices: torch.Tensor, slots: torch.Tensor, shorter: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text, mask) of a caption that contradicts each of these samples: another sample's caption (shortened as
+        `batch` shortens) naming a different colour, shape or motion, the negatives of a matching-aware
+        discriminator (GAN-CLS). The attributes come from the captions' words, so a shorter caption contradicts a
+        clip exactly when its full caption does. `slots` is `caption_slots()`, computed once by the caller."""
+        own = slots[self.caption_ids[indices]]
+        other = torch.randint(len(self), (len(indices),))
+        for _ in range(64):  # two random samples agree on all three in 1 case of 144: a few redraws suffice
+            same = (slots[self.caption_ids[other]] == own).all(dim=1)
+            if not same.any():
+                break
+            other[same] = torch.randint(len(self), (int(same.sum()),))
+        else:
+            raise ValueError("cannot find contradicting captions: the set names too few colours, shapes and motions")
+        _, text, mask = self.batch(other, shorter)
+        return text, mask
+
+    def caption_slots(self) -> torch.Tensor:
+        """(U, 3) per caption row: the index of the colour, shape and motion it names (-1 where none)."""
+        vocab = {"colour": list(COLOURS), "shape": list(SHAPES), "motion": list(MOTIONS)}
+        named = [named_attributes(c) for c in self.captions]
+        rows = [[vocab[k].index(n[k]) if k in n else -1 for k in vocab] for n in named]
+        return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
 
     def with_shorter_captions(self, encoder: TextEncoder) -> LatentSet:
         """The same set with every caption's shorter captions (`training.data.shorter_captions`) encoded and indexed

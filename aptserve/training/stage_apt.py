@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from aptserve.engines.config import ModelConfig, build_generator
@@ -62,6 +63,10 @@ class APTStageConfig:
     r1_sigma: float = 0.1  # 0.1 for video, 0.01 for images
     sigma_is_variance: bool = False  # the paper says "variance"; False reads sigma as a standard deviation
     d_shift: float = 12.0  # D's timestep ensemble shift(U(0, 1), s): 12 for video, 1 for images
+    # Matching-aware D (GAN-CLS): real clips under a caption that contradicts them are negatives too, weighted by
+    # this against the fakes' term; 0 leaves them out. Without them D may judge realism alone, and G's caption
+    # adherence gets no signal from D at all.
+    mismatch_weight: float = 0.0
     shorter_captions: float = 0.0  # fraction of samples with a shorter caption of their clip (G and D alike)
     export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     seed: int = 0
@@ -83,9 +88,10 @@ class APTStageConfig:
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad:
             raise ValueError(f"APTStageConfig values must be positive; got {bad}")
-        if not 0.0 <= self.rmsprop_alpha < 1.0 or self.r1_lambda < 0:
+        if not 0.0 <= self.rmsprop_alpha < 1.0 or self.r1_lambda < 0 or self.mismatch_weight < 0:
             raise ValueError(
-                f"need 0 <= rmsprop_alpha < 1 and r1_lambda >= 0; got {self.rmsprop_alpha}, {self.r1_lambda}"
+                "need 0 <= rmsprop_alpha < 1, r1_lambda >= 0 and mismatch_weight >= 0; "
+                f"got {self.rmsprop_alpha}, {self.r1_lambda}, {self.mismatch_weight}"
             )
 
 
@@ -155,8 +161,12 @@ def generate(
     return one_step(lambda x, t: generator(x, t, text, mask), z)
 
 
-def sample_batch(data: LatentSet, cfg: APTStageConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x, text, mask = data.batch(torch.randint(len(data), (cfg.batch_size,)), cfg.shorter_captions)
+def sample_batch(
+    data: LatentSet, cfg: APTStageConfig, indices: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if indices is None:
+        indices = torch.randint(len(data), (cfg.batch_size,))
+    x, text, mask = data.batch(indices, cfg.shorter_captions)
     return x.to(cfg.device), text.to(cfg.device), mask.to(cfg.device)
 
 
@@ -180,8 +190,10 @@ def d_losses(
     eps_real: torch.Tensor,
     eps_fake: torch.Tensor | None,
     cfg: APTStageConfig,
+    wrong: tuple[torch.Tensor, torch.Tensor] | None = None,  # (text, mask) contradicting `real`, when mismatch_weight
 ) -> dict[str, torch.Tensor]:
-    """D's loss terms; the perturbed copies for approximated R1 (and R2) ride in the same forward pass."""
+    """D's loss terms; the perturbed copies for approximated R1 (and R2) and the real clips under contradicting
+    captions ride in the same forward pass."""
     std = perturbation_std(cfg.r1_sigma, cfg.sigma_is_variance)
     with_r2 = cfg.use_r1 and cfg.loss == "relativistic"
     inputs = [real, fake]
@@ -189,14 +201,23 @@ def d_losses(
         inputs.append(real + std * eps_real)
     if with_r2:
         inputs.append(fake + std * eps_fake)
+    texts, masks = [text] * len(inputs), [mask] * len(inputs)
+    if wrong is not None:
+        inputs.append(real)
+        texts.append(wrong[0])
+        masks.append(wrong[1])
     n = len(inputs)
-    logits = disc(torch.cat(inputs), t.repeat(n), text.repeat(n, 1, 1), mask.repeat(n, 1)).chunk(n)  # n x (B,)
+    logits = disc(torch.cat(inputs), t.repeat(n), torch.cat(texts), torch.cat(masks)).chunk(n)  # n x (B,)
     adversarial = d_adversarial_loss(logits[0], logits[1], cfg.loss)
     r1 = approx_r1(logits[0], logits[2], cfg.r1_lambda) if cfg.use_r1 else torch.zeros((), device=real.device)
     losses = {"d_loss": adversarial, "r1": r1, "d_real": logits[0].mean(), "d_fake": logits[1].mean()}
     if with_r2:
         losses["r2"] = approx_r1(logits[1], logits[3], cfg.r1_lambda)
     losses["total"] = adversarial + r1 + losses.get("r2", 0.0)
+    if wrong is not None:  # a real clip under a wrong caption is rated as a fake is: softplus(D(x, c'))
+        losses["d_mismatch"] = logits[-1].mean()
+        losses["mismatch"] = F.softplus(logits[-1]).mean()
+        losses["total"] = losses["total"] + cfg.mismatch_weight * losses["mismatch"]
     return losses
 
 
@@ -212,18 +233,29 @@ def accumulated(micro_step: Callable[[], dict[str, torch.Tensor]], n: int) -> di
     return sums
 
 
-def d_micro_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, torch.Tensor]:
-    real, text, mask = sample_batch(data, cfg)
+def d_micro_step(
+    parts: APTParts, data: LatentSet, cfg: APTStageConfig, slots: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    indices = torch.randint(len(data), (cfg.batch_size,))
+    real, text, mask = sample_batch(data, cfg, indices)
     with torch.no_grad():
         fake = generate(parts.generator, torch.randn_like(real), text, mask)
     t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
     eps_fake = torch.randn_like(fake) if cfg.loss == "relativistic" else None
-    return d_losses(parts.disc, real, fake, text, mask, t, torch.randn_like(real), eps_fake, cfg)
+    wrong = None
+    if cfg.mismatch_weight > 0:
+        wrong_text, wrong_mask = data.mismatched(
+            indices, data.caption_slots() if slots is None else slots, cfg.shorter_captions
+        )
+        wrong = wrong_text.to(cfg.device), wrong_mask.to(cfg.device)
+    return d_losses(parts.disc, real, fake, text, mask, t, torch.randn_like(real), eps_fake, cfg, wrong)
 
 
-def d_step(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, float]:
+def d_step(
+    parts: APTParts, data: LatentSet, cfg: APTStageConfig, slots: torch.Tensor | None = None
+) -> dict[str, float]:
     parts.opt_d.zero_grad(set_to_none=True)
-    logged = accumulated(lambda: d_micro_step(parts, data, cfg), cfg.accumulate)
+    logged = accumulated(lambda: d_micro_step(parts, data, cfg, slots), cfg.accumulate)
     parts.opt_d.step()
     return logged
 
@@ -304,10 +336,11 @@ def train_apt(cfg: APTStageConfig, progress: bool = True) -> Path:
         run, cfg.steps, get_state, parts.load_state_dict, cfg.checkpoint_every, cfg.log_every, progress, "train apt"
     )
     trainer.resume()
+    slots = data.caption_slots() if cfg.mismatch_weight > 0 else None
 
     def step(i: int) -> dict[str, float]:
         set_learning_rates(parts, i, cfg)
-        return {**d_step(parts, data, cfg), **g_step(parts, data, cfg)}  # 1:1 alternation, D first
+        return {**d_step(parts, data, cfg, slots), **g_step(parts, data, cfg)}  # 1:1 alternation, D first
 
     if trainer.fit(step) < cfg.steps:
         log.info("stopped at step %d; run the same command again to resume", trainer.step)

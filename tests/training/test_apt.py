@@ -275,3 +275,44 @@ def test_stage_smoke_run_exports_and_resumes(tmp_path, monkeypatch):
     assert len(calls) == 2  # resumed at step 3: only steps 4 and 5 ran
     assert [r["step"] for r in read_steps(tmp_path / "run")] == ["1", "2", "3", "4", "5"]
     assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["step"] == 5
+
+
+def test_mismatched_captions_contradict_their_clips():
+    """A matching-aware D's negatives: every borrowed caption names another colour, shape or motion than the clip's
+    own caption, also after shortening (the short forms keep those three)."""
+    captions = ["", "a red circle moving left", "a red circle moving left slowly", "a blue circle moving left"]
+    captions += ["a red square moving up", "a red circle moving right"]
+    data = dataclasses.replace(
+        tiny_latents(12),
+        caption_ids=torch.tensor([1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 3]),
+        captions=captions,
+        text_tokens=torch.randn(len(captions), TEXT_LEN, TEXT_DIM).half(),
+        text_mask=torch.ones(len(captions), TEXT_LEN, dtype=torch.bool),
+    )
+    slots = data.caption_slots()
+    assert slots[0].tolist() == [-1, -1, -1] and torch.equal(slots[1], slots[2])  # "slowly" is no contradiction
+    torch.manual_seed(0)
+    for _ in range(20):
+        indices = torch.randint(len(data), (8,))
+        text, _ = data.mismatched(indices, slots)
+        rows = [next(i for i in range(len(captions)) if torch.equal(data.text_tokens[i].float(), t)) for t in text]
+        own = slots[data.caption_ids[indices]]
+        assert ((slots[rows] != own).any(dim=1)).all()
+        assert not set(rows) & {0}
+
+
+def test_matching_aware_d_rates_real_clips_under_wrong_captions_as_fakes(parts, cfg):
+    cfg = dataclasses.replace(cfg, mismatch_weight=0.5)
+    data = tiny_latents()
+    x, text, mask = real_batch(data)
+    wrong_text, wrong_mask = data.text_tokens[[2, 1]].float(), data.text_mask[[2, 1]]
+    t, eps = torch.full((2,), 0.5), torch.randn_like(x)
+    fake = torch.randn_like(x)
+    losses = d_losses(parts.disc, x, fake, text, mask, t, eps, None, cfg, (wrong_text, wrong_mask))
+    plain = d_losses(parts.disc, x, fake, text, mask, t, eps, None, dataclasses.replace(cfg, mismatch_weight=0.0))
+    by_hand = torch.nn.functional.softplus(parts.disc(x, t, wrong_text, wrong_mask)).mean()
+    torch.testing.assert_close(losses["mismatch"], by_hand, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses["total"], plain["total"] + 0.5 * by_hand, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses["d_loss"], plain["d_loss"], rtol=1e-4, atol=1e-6)  # the same real and fake logits
+    logged = d_step(parts, data, cfg)
+    assert {"d_mismatch", "mismatch"} <= set(logged)

@@ -45,8 +45,10 @@ class SystemCache:
     def __init__(self, cfg: EvalConfig):
         self.root = Path(cfg.cache) if cfg.cache else None
         self.common = {
-            "version": 1,
+            "version": 2,  # 2: per-clip purity, noise draws
             "prompts": cfg.prompts,
+            "draws": cfg.draws,
+            "real_open": cfg.real_open,
             "seed": cfg.seed,
             "size": cfg.size,
             "seconds": cfg.seconds,
@@ -69,6 +71,8 @@ class SystemCache:
             del described["prompt"]
         if not described["complete_prompts"]:
             del described["complete_prompts"]
+        if described["kind"] == "generate":
+            del described["kind"]
         for name, default in RUN_DEFAULTS.items():
             if described[name] == default:
                 del described[name]

@@ -13,6 +13,13 @@ from aptserve.training.data import ShapeSpec, caption_of
 FPS = 24  # the shapes dataset's frame rate
 DEGRADE = {"blur": 1.0, "noise": 6.0, "soften": 2}  # the degradation the analyzer's robustness is reported on
 PROMPT_FORMS = ("full", "short")
+# "generate": the checkpoint generates every prompt; "vae": no generation, the checkpoint's VAE encodes and decodes
+# the real clips of the other draw (the reference row's clips): the ceiling any generator in that latent space has.
+KINDS = ("generate", "vae")
+# What a claim checks on the interval of b / a ("ratio_*") or b - a ("difference_*") for a score: "below" holds when
+# the whole interval is below the bound and fails when none of it is; "above" the other way round.
+CLAIM_TESTS = ("ratio_below", "ratio_above", "difference_below", "difference_above")
+CLAIM_SCORES = ("colour", "shape", "motion", "all", "purity", "frechet")
 DTYPES = ("float32", "bfloat16")
 # How a system's model runs, and the defaults every system had before these fields existed (the cache keys of
 # systems left at the defaults do not name them).
@@ -38,9 +45,12 @@ class SystemSpec:
     attention: str = "auto"
     fp8_linears: bool = False
     bf16_blocks: tuple[int, ...] = ()
+    kind: str = "generate"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bf16_blocks", tuple(self.bf16_blocks))  # a JSON list
+        if self.kind not in KINDS:
+            raise ValueError(f"system {self.name!r}: kind must be one of {KINDS}; got {self.kind!r}")
         if self.steps < 1:
             raise ValueError(f"system {self.name!r}: steps must be >= 1; got {self.steps}")
         if self.prompt not in PROMPT_FORMS:
@@ -67,7 +77,7 @@ class SystemSpec:
     @property
     def cfg_label(self) -> str:
         """Guidance only applies to many-step sampling (1 and 2 steps run the generator as is)."""
-        if self.steps <= 2:
+        if self.steps <= 2 or self.kind == "vae":
             return "—"
         return "model default" if self.guidance is None else f"{self.guidance:g}"
 
@@ -83,9 +93,35 @@ DEFAULT_SYSTEMS = (
 
 
 @dataclass(frozen=True)
+class ClaimSpec:
+    """A claim about two systems of the config, decided by the interval of b / a or b - a for one score."""
+
+    claim: str
+    a: str
+    b: str
+    score: str
+    test: str
+    bound: float
+
+    def __post_init__(self) -> None:
+        if self.score not in CLAIM_SCORES or self.test not in CLAIM_TESTS:
+            raise ValueError(
+                f"claim {self.claim!r}: score must be one of {CLAIM_SCORES} and test one of {CLAIM_TESTS}; "
+                f"got {self.score!r}, {self.test!r}"
+            )
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     systems: tuple[SystemSpec, ...] = DEFAULT_SYSTEMS  # JSON: a list of {name, model, steps, guidance}
     prompts: int = 256  # held-out prompts (287 held-out combinations; more prompts reuse them at new positions)
+    # Noise draws per prompt: every system generates each prompt this many times (new noise each), and the real
+    # sets hold as many clips of each prompt (new start positions), so a table rests on prompts x draws clips.
+    draws: int = 1
+    # The real clips draw the attributes a short prompt leaves open (size, speed, background) anew for every clip,
+    # so they sample what a short prompt allows; for tables of short prompts. Off: each prompt's real clips are
+    # its held-out spec's, at new start positions.
+    real_open: bool = False
     seed: int = 0  # picks the prompts, their positions and the generation seeds
     size: str = "64x64"
     seconds: float = 2.0
@@ -103,14 +139,18 @@ class EvalConfig:
     # Bootstrap over prompts: resamples (0: no intervals), their seed, and the central interval's coverage.
     bootstrap: int = 1000
     bootstrap_seed: int = 0
-    confidence: float = 0.9
+    confidence: float = 0.95
     # Pairs of system names (reference, candidate) compared on the same prompts and seeds: intervals of the
     # candidate's difference from the reference and whether it stays within the reference's interval.
     comparisons: tuple[tuple[str, str], ...] = ()
+    # Claims decided by their intervals (ClaimSpec; JSON: a list of {claim, a, b, score, test, bound}).
+    claims: tuple[ClaimSpec, ...] = ()
 
     def __post_init__(self) -> None:
         systems = tuple(s if isinstance(s, SystemSpec) else _system_from_dict(s) for s in self.systems)
         object.__setattr__(self, "systems", systems)
+        claims = tuple(c if isinstance(c, ClaimSpec) else _claim_from_dict(c) for c in self.claims)
+        object.__setattr__(self, "claims", claims)
         object.__setattr__(self, "comparisons", tuple(tuple(pair) for pair in self.comparisons))
         parse_size(self.size)
         numbers = {
@@ -120,6 +160,7 @@ class EvalConfig:
             "classifier_epochs": self.classifier_epochs,
             "classifier_batch": self.classifier_batch,
         }
+        numbers["draws"] = self.draws
         bad = {k: v for k, v in numbers.items() if v < (2 if k == "prompts" else 1)}  # a covariance needs 2
         if bad or self.sheet_prompts < 0 or self.seconds <= 0:
             raise ValueError(f"eval config: need positive counts (prompts >= 2) and seconds; got {bad}, {self.seconds}")
@@ -138,6 +179,21 @@ class EvalConfig:
         bad_pairs = [p for p in self.comparisons if len(p) != 2 or not set(p) <= names or p[0] == p[1]]
         if bad_pairs:
             raise ValueError(f"eval config: comparisons are pairs of two system names of this config; got {bad_pairs}")
+        bad_claims = [c.claim for c in claims if not {c.a, c.b} <= names or c.a == c.b]
+        if bad_claims:
+            raise ValueError(f"eval config: claims must name two systems of this config; got {bad_claims}")
+
+    @property
+    def clips(self) -> int:
+        """Clips per system: every prompt, every draw."""
+        return self.prompts * self.draws
+
+
+def _claim_from_dict(data: dict) -> ClaimSpec:
+    try:
+        return ClaimSpec(**data)
+    except TypeError as exc:
+        raise ValueError(f"eval config: bad claim {data}: {exc}; keys are claim, a, b, score, test, bound") from exc
 
 
 def _system_from_dict(data: dict) -> SystemSpec:
@@ -146,5 +202,5 @@ def _system_from_dict(data: dict) -> SystemSpec:
     except TypeError as exc:
         raise ValueError(
             f"eval config: bad system {data}: {exc}; keys are name, model, steps, guidance, prompt, "
-            "complete_prompts, dtype, attention, fp8_linears, bf16_blocks"
+            "complete_prompts, dtype, attention, fp8_linears, bf16_blocks, kind"
         ) from exc

@@ -5,31 +5,57 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from aptserve.engines.config import frames_for_seconds, parse_size
-from aptserve.engines.loading import load_model, load_text_encoder
+from aptserve.engines.loading import load_components, load_model, load_text_encoder
 from aptserve.engines.pipeline import Pipeline
 from aptserve.engines.text import CachedTextEncoder
 from aptserve.evaluation.classifier import ClipClassifier
 from aptserve.evaluation.config import FPS, EvalConfig, SystemSpec
 from aptserve.evaluation.scoring import ClipSet
-from aptserve.training.data import ShapeSpec, held_out_combinations, render, spec_for
+from aptserve.training.data import BACKGROUNDS, SIZES, SPEEDS, ShapeSpec, held_out_combinations, render, spec_for
 
 
-def eval_specs(count: int, seed: int, redraw: int = 0) -> list[ShapeSpec]:
+def eval_specs(count: int, seed: int, redraw: int = 0, open_attributes: bool = False) -> list[ShapeSpec]:
     """`count` held-out specs, one combination each (cycling once all are used), at seeded start positions;
-    `redraw` > 0 keeps the combinations but draws new positions (a second real set)."""
+    `redraw` > 0 keeps the combinations but draws new positions (a second real set). With `open_attributes` the
+    attributes a short prompt leaves open (size, speed, background) are drawn uniformly for each spec as well."""
     combinations = held_out_combinations()
     order = np.random.default_rng(seed).permutation(len(combinations))
+    specs = []
+    for i in range(count):
+        combination = combinations[order[i % len(order)]]
+        if open_attributes:
+            colour, shape, motion = combination[:3]
+            rng = np.random.default_rng([seed, i, redraw, 1])
+            background, size, speed = (str(rng.choice(list(v))) for v in (BACKGROUNDS, SIZES, SPEEDS))
+            combination = (colour, shape, motion, background, size, speed)
+        specs.append(spec_for(combination, np.random.default_rng([seed, i, redraw])))
+    return specs
+
+
+def prompt_specs(cfg: EvalConfig) -> list[ShapeSpec]:
+    """The spec every generated clip is prompted with and scored against, draw after draw: (draws * prompts,)."""
+    return eval_specs(cfg.prompts, cfg.seed) * cfg.draws
+
+
+def real_specs(cfg: EvalConfig, other: bool = False) -> list[ShapeSpec]:
+    """The real clips paired with the generated ones, draw after draw: draw d is redraw d (redraw draws + d for the
+    other real set, the floor's), so one draw gives the real sets every table before draws had."""
+    first = cfg.draws if other else 0
     return [
-        spec_for(combinations[order[i % len(order)]], np.random.default_rng([seed, i, redraw])) for i in range(count)
+        spec
+        for d in range(cfg.draws)
+        for spec in eval_specs(cfg.prompts, cfg.seed, first + d, open_attributes=cfg.real_open)
     ]
 
 
 def generation_seeds(count: int, seed: int) -> list[int]:
+    """One noise seed per generated clip (prompts x draws of them), distinct for every clip."""
     return [seed * 1_000_003 + i for i in range(count)]
 
 
@@ -113,5 +139,37 @@ def real_set(specs: list[ShapeSpec], model: ClipClassifier, cfg: EvalConfig, deg
         clips_set.add(clips, batch, model, cfg)
         if degraded:
             clips_set.add_degraded(clips, batch, cfg.seed)
+        bar.update(len(batch))
+    return clips_set
+
+
+def load_vae(model: str, device: str = "cpu") -> torch.nn.Module:
+    """The VAE of a checkpoint folder (a VAE-only one too) or of a preset, in eval mode."""
+    if Path(model).is_dir():
+        return load_components(model, ("vae",), device)[1]["vae"].eval()
+    return load_model(model, device).vae.eval()
+
+
+def round_trip_set(
+    system: SystemSpec, specs: list[ShapeSpec], scored: list[ShapeSpec], model: ClipClassifier, cfg: EvalConfig, bar
+) -> ClipSet | str:
+    """The real clips of `specs` encoded and decoded by the system's VAE (posterior mean, whole clip), scored
+    against `scored`; the reason as a string when the checkpoint cannot be loaded."""
+    try:
+        vae = load_vae(system.model, cfg.device)
+    except ValueError as exc:  # a checkpoint that does not exist (yet)
+        return str(exc)
+    width, height = parse_size(cfg.size)
+    clips_set = ClipSet()
+    start = 0
+    for batch, clips in rendered_batches(specs, frames_for_seconds(cfg.seconds, FPS), height, width, cfg.batch_size):
+        began = time.perf_counter()
+        with torch.inference_mode():
+            video = torch.from_numpy(clips).to(cfg.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+            decoded = vae.decode(vae.encode(video)).clamp(-1.0, 1.0)
+        out = ((decoded + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+        clips_set.seconds += time.perf_counter() - began
+        clips_set.add(out, scored[start : start + len(batch)], model, cfg)
+        start += len(batch)
         bar.update(len(batch))
     return clips_set

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import scipy.linalg
+import scipy.stats
 
 from aptserve.evaluation.analyzer import ATTRIBUTES
 
@@ -72,6 +73,24 @@ def bootstrap_indices(n: int, resamples: int, seed: int = 0) -> np.ndarray:
     if n < 2 or resamples < 1:
         raise ValueError(f"bootstrap needs n >= 2 clips and resamples >= 1; got {n} and {resamples}")
     return np.random.default_rng(seed).integers(0, n, (resamples, n))
+
+
+def cluster_indices(prompt_indices: np.ndarray, draws: int) -> np.ndarray:
+    """Clip indices (R, P * draws) of prompt resamples (R, P): a drawn prompt brings every draw of it along (clip
+    d * P + p is draw d of prompt p), so the draws of one prompt, which share its caption, are never split."""
+    prompts = prompt_indices.shape[1]
+    return np.concatenate([prompt_indices + d * prompts for d in range(draws)], axis=1)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial rate: successes of n trials."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1; got {successes} of {n}")
+    z = float(scipy.stats.norm.ppf(0.5 + confidence / 2))
+    rate = successes / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 def _batched_moments(feats: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -20,10 +20,27 @@ from aptserve.engines.config import frames_for_seconds, parse_size
 from aptserve.evaluation.cache import SystemCache
 from aptserve.evaluation.classifier import CLASSIFIER_FRAMES, CLASSIFIER_SIZE, LABELS, load_or_train_classifier
 from aptserve.evaluation.config import DEGRADE, FPS, EvalConfig
-from aptserve.evaluation.generate import PipelineCache, eval_specs, generate_set, generation_seeds, real_set
+from aptserve.evaluation.generate import (
+    PipelineCache,
+    generate_set,
+    generation_seeds,
+    prompt_specs,
+    real_set,
+    real_specs,
+    round_trip_set,
+)
 from aptserve.evaluation.images import SHEET_FRAMES, write_sheet
-from aptserve.evaluation.metrics import accuracy, bootstrap_indices
-from aptserve.evaluation.scoring import SCORES, compare, intervals, point_scores, replicates, summarise
+from aptserve.evaluation.metrics import accuracy, bootstrap_indices, cluster_indices, paired_intervals
+from aptserve.evaluation.scoring import (
+    SCORES,
+    claim_verdict,
+    compare,
+    intervals,
+    point_scores,
+    rate_intervals,
+    replicates,
+    summarise,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +56,20 @@ def _span(interval: list[float] | None, percent: bool) -> str:
     return f"{100 * low:.1f}–{100 * high:.1f}%" if percent else f"{low:.2f}–{high:.2f}"
 
 
-def table_row(name: str, steps: str, cfg_label: str, result: dict | None, interval: dict | None = None) -> str:
+def table_row(
+    name: str, steps: str, cfg_label: str, result: dict | None, interval: dict | None = None, rates: dict | None = None
+) -> str:
+    """A row: adherence, "all" and purity with their binomial intervals (`rates`), the Frechet distance with its
+    bootstrap interval (`interval`), sharpness and seconds per clip."""
     if result is None:
-        return f"| {name} | {steps} | {cfg_label} | — | — | — | — | — | — | — | — | — |"
-    adh, interval = result["adherence"], interval or {}
+        return f"| {name} | {steps} | {cfg_label} |" + " — |" * 11
+    adh, interval, rates = result["adherence"], interval or {}, rates or {}
     seconds = result.get("seconds_per_clip")
+    purity = result.get("purity")
     return (
         f"| {name} | {steps} | {cfg_label} | {_pct(adh['colour'])} | {_pct(adh['shape'])} | {_pct(adh['motion'])} "
-        f"| {_pct(adh['all'])} | {_span(interval.get('all'), True)} | {result['frechet']:.2f} "
+        f"| {_pct(adh['all'])} | {_span(rates.get('all'), True)} "
+        f"| {'—' if purity is None else _pct(purity)} | {_span(rates.get('purity'), True)} | {result['frechet']:.2f} "
         f"| {_span(interval.get('frechet'), False)} | {result['sharpness']:.2f} "
         f"| {'—' if seconds is None else f'{seconds:.3f}'} |"
     )
@@ -113,24 +136,39 @@ def markdown(cfg: EvalConfig, report: dict) -> str:
     frames = frames_for_seconds(cfg.seconds, FPS)
     real, analyzer, clf = report["real"], report["analyzer"], report["classifier"]
     level = f"{100 * cfg.confidence:g}%"
+    reals = "other open attributes and start positions" if cfg.real_open else "other start positions"
     lines = [
-        f"Held-out prompts: {cfg.prompts} (seed {cfg.seed}), {width}x{height}, {frames} frames, the same prompts and "
-        "seeds for every system.",
+        f"Held-out prompts: {cfg.prompts} (seed {cfg.seed}) x {cfg.draws} noise draws = {cfg.clips} clips per system, "
+        f"{width}x{height}, {frames} frames, the same prompts and seeds for every system.",
         "",
-        f"| system | steps | CFG | colour | shape | motion | all | all, {level} | Frechet | Frechet, {level} "
-        "| sharpness | seconds/clip |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        table_row("real clips, other start positions (reference)", "—", "—", real, report["intervals"].get("real")),
+        f"| system | steps | CFG | colour | shape | motion | all | all, {level} | purity | purity, {level} | Frechet "
+        f"| Frechet, {level} | sharpness | seconds/clip |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        table_row(
+            f"real clips, other draw ({reals}; the floor)",
+            "—",
+            "—",
+            real,
+            report["intervals"].get("real"),
+            report["rates"].get("real"),
+        ),
     ]
     lines += [
-        table_row(s.name, str(s.steps), s.cfg_label, report["systems"].get(s.name), report["intervals"].get(s.name))
+        table_row(
+            s.name,
+            "—" if s.kind == "vae" else str(s.steps),
+            s.cfg_label,
+            report["systems"].get(s.name),
+            report["intervals"].get(s.name),
+            report["rates"].get(s.name),
+        )
         for s in cfg.systems
     ]
     lines += [""] + [f"- skipped **{name}**: {why}" for name, why in report["skipped"].items()]
     a, d = analyzer["real"], analyzer["degraded"]
     lines += [
         "",
-        f"- Adherence is read back by `evaluation/analyzer.py` (no learned parts). On the {cfg.prompts} real clips of "
+        f"- Adherence is read back by `evaluation/analyzer.py` (no learned parts). On the {cfg.clips} real clips of "
         f"these prompts it reads colour {_pct(a['colour'])}, shape {_pct(a['shape'])}, motion {_pct(a['motion'])}, "
         f"all three {_pct(a['all'])}; on copies degraded by a VAE-like softening (pool {DEGRADE['soften']}x), blur "
         f"{DEGRADE['blur']} px and noise {DEGRADE['noise']}/255: all three {_pct(d['all'])}.",
@@ -144,31 +182,90 @@ def markdown(cfg: EvalConfig, report: dict) -> str:
         "- Sharpness: mean squared Laplacian of the luma, generated over real clips of the same prompts (1.0 = as "
         "sharp as real). seconds/clip: wall time of the whole pipeline (text, generator, VAE decode) over clips, "
         f"batch {cfg.batch_size}, on {cfg.device}.",
-        f"- Intervals: {level} percentile intervals of {cfg.bootstrap} bootstrap resamples over prompts (seed "
-        f"{cfg.bootstrap_seed}); each resample draws prompts with replacement and scores the generated clips of the "
-        "drawn prompts against the real clips of the same prompts. Each interval is shifted by the bootstrap's bias "
-        "(the replicates' mean minus the estimate), which for the Frechet distance is large: resampled sets repeat "
-        "clips. — where a system's result was cached before per-clip readings were kept (regenerate it to fill "
-        "them) or `bootstrap` is 0.",
+        "- Mode purity (`evaluation/purity.py`, no learned parts): the share of clips that are one palette object on "
+        "one palette background, with blends of the two only at the object's edge; a 50/50 average of two clips, "
+        "what averaging two modes looks like, is impure. The purity of the real clips bounds it from above.",
+        f"- Intervals: adherence and purity, {level} Wilson intervals over the {cfg.clips} clips; the Frechet distance, "
+        f"{level} percentile intervals of {cfg.bootstrap} bootstrap resamples over prompts (seed {cfg.bootstrap_seed}); "
+        "each resample draws prompts with replacement, every noise draw of a drawn prompt with it, and scores the "
+        "generated clips of the drawn prompts against the real clips of the same prompts. Each bootstrap interval is "
+        "shifted by the bootstrap's bias (the replicates' mean minus the estimate), which for the Frechet distance is "
+        "large: resampled sets repeat clips. — where a system's result was cached before per-clip readings were kept "
+        "(regenerate it to fill them) or `bootstrap` is 0.",
         *run_lines(cfg),
         f"- Contact sheets: rows are the first {cfg.sheet_prompts} prompts, columns frames "
         f"{', '.join(str(i) for i in np.round(np.linspace(0, frames - 1, SHEET_FRAMES)).astype(int))}.",
     ]
     lines += [f"  {i + 1}. {caption}" for i, caption in enumerate(report["sheet_captions"])]
     lines += [f"  - {name}: ![{name}]({link})" for name, link in report["sheets"].items()]
+    lines += claim_lines(cfg, report)
     lines += comparison_lines(cfg, report)
     return "\n".join(lines) + "\n"
+
+
+def claim_lines(cfg: EvalConfig, report: dict) -> list[str]:
+    """The claims table: each claim's measured ratio or difference with its paired bootstrap interval, and its
+    verdict."""
+    if not cfg.claims:
+        return []
+    level = f"{100 * cfg.confidence:g}%"
+    lines = [
+        "",
+        f"Claims, decided by the {level} paired bootstrap interval (the same prompt resamples for both systems): holds "
+        "when the whole interval is on the claimed side of the bound, fails when none of it is, undecided otherwise.",
+        "",
+        f"| claim | b / a | measured | {level} interval | bound | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for claim, result in zip(cfg.claims, report["claims"]):
+        side = "<" if claim.test.endswith("below") else ">"
+        kind = "b / a" if claim.test.startswith("ratio") else "b − a"
+        if "interval" not in result:
+            lines.append(
+                f"| {claim.claim} | {claim.b} / {claim.a} | — | — | {kind} {side} {claim.bound:g} "
+                f"| undecided: {result['missing']} |"
+            )
+            continue
+        percent = claim.score != "frechet" and kind == "b − a"
+        value = (lambda v: f"{100 * v:+.1f} pp") if percent else (lambda v: f"{v:.3f}")
+        low, high = result["interval"]
+        lines.append(
+            f"| {claim.claim} | {claim.b} / {claim.a} | {claim.score} {kind} = {value(result['value'])} "
+            f"| {value(low)} to {value(high)} | {kind} {side} {claim.bound:g} | **{result['verdict']}** |"
+        )
+    return lines
+
+
+def decide_claims(cfg: EvalConfig, report: dict, reps: dict[str, dict[str, np.ndarray]]) -> None:
+    """Each configured claim's estimate, paired interval and verdict, into report["claims"]."""
+    for claim in cfg.claims:
+        lacking = [name for name in (claim.a, claim.b) if name not in reps]
+        if lacking:
+            report["claims"].append({"missing": f"no per-clip readings for {lacking}"})
+            continue
+        a, b = (point_scores(report["systems"][name])[claim.score] for name in (claim.a, claim.b))
+        paired = paired_intervals(reps[claim.a][claim.score], reps[claim.b][claim.score], cfg.confidence, (a, b))
+        which = "ratio" if claim.test.startswith("ratio") else "difference"
+        if which not in paired:
+            report["claims"].append({"missing": f"a ratio needs {claim.a}'s {claim.score} above 0 in every resample"})
+            continue
+        value = b / a if which == "ratio" else b - a
+        interval = paired[which]
+        verdict_ = claim_verdict(interval, claim.test, claim.bound)
+        report["claims"].append({"value": value, "interval": interval, "verdict": verdict_})
 
 
 def add_intervals(cfg: EvalConfig, report: dict, real: dict, per_clip: dict[str, dict]) -> None:
     """Bootstrap intervals of every system with per-clip readings (`per_clip`, "real" for the reference row) and
     the configured paired comparisons, into `report`."""
+    summaries = {"real": report["real"], **report["systems"]}
+    report["rates"] = {name: rate_intervals(summary, cfg.confidence) for name, summary in summaries.items()}
     if not cfg.bootstrap:
         report["comparisons"] = [{"a": a, "b": b, "missing": "bootstrap is 0"} for a, b in cfg.comparisons]
+        report["claims"] = [{"missing": "bootstrap is 0"} for _ in cfg.claims]
         return
-    indices = bootstrap_indices(cfg.prompts, cfg.bootstrap, cfg.bootstrap_seed)
+    indices = cluster_indices(bootstrap_indices(cfg.prompts, cfg.bootstrap, cfg.bootstrap_seed), cfg.draws)
     reps = {name: replicates(clips, real, indices) for name, clips in per_clip.items()}
-    summaries = {"real": report["real"], **report["systems"]}
     report["intervals"] = {
         name: intervals(r, point_scores(summaries[name]), cfg.confidence) for name, r in reps.items()
     }
@@ -181,6 +278,7 @@ def add_intervals(cfg: EvalConfig, report: dict, real: dict, per_clip: dict[str,
         points = [point_scores(report["systems"][name]) for name in (a, b)]
         scores = compare(*points, reps[a], reps[b], cfg.confidence)
         report["comparisons"].append({"a": a, "b": b, "scores": scores})
+    decide_claims(cfg, report, reps)
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True, only: tuple[str, ...] = ()) -> Path:
@@ -192,12 +290,13 @@ def run_eval(cfg: EvalConfig, progress: bool = True, only: tuple[str, ...] = ())
     unknown = set(only) - {s.name for s in cfg.systems}
     if unknown:
         raise ValueError(f"eval: no such systems {sorted(unknown)}; the config has {[s.name for s in cfg.systems]}")
-    specs = eval_specs(cfg.prompts, cfg.seed)
-    seeds = generation_seeds(cfg.prompts, cfg.seed)
+    specs = prompt_specs(cfg)
+    seeds = generation_seeds(cfg.clips, cfg.seed)
     model, stats = load_or_train_classifier(cfg, progress)
-    bar = tqdm(total=cfg.prompts * (2 + len(cfg.systems)), desc="eval clips", disable=not progress)
-    real = real_set(specs, model, cfg, degraded=True, bar=bar)
-    other = real_set(eval_specs(cfg.prompts, cfg.seed, redraw=1), model, cfg, degraded=False, bar=bar)
+    bar = tqdm(total=cfg.clips * (2 + len(cfg.systems)), desc="eval clips", disable=not progress)
+    real = real_set(real_specs(cfg), model, cfg, degraded=True, bar=bar)
+    other_specs = real_specs(cfg, other=True)
+    other = real_set(other_specs, model, cfg, degraded=False, bar=bar)
     report = {
         "config": asdict(cfg),
         "analyzer": {"real": accuracy(real.hits), "degraded": accuracy(real.degraded_hits)},
@@ -208,7 +307,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, only: tuple[str, ...] = ())
         "sheet_captions": [s.caption for s in specs[: cfg.sheet_prompts]],
         "sheets": {},
         "intervals": {},
+        "rates": {},
         "comparisons": [],
+        "claims": [],
     }
     per_clip = {"real": other.per_clip()}  # the readings the bootstrap resamples, by system
     if cfg.sheet_prompts:
@@ -218,20 +319,27 @@ def run_eval(cfg: EvalConfig, progress: bool = True, only: tuple[str, ...] = ())
         cached = cache.load(system)
         if cached is None and only and system.name not in only:
             report["skipped"][system.name] = "not selected, and no cached result for its current checkpoint"
-            bar.update(cfg.prompts)
+            bar.update(cfg.clips)
             continue
         if cached is not None:
             log.info("%s: cached result for this checkpoint", system.name)
             summary, sheet, clips = cached
-            bar.update(cfg.prompts)
+            bar.update(cfg.clips)
         else:
-            pipeline = pipelines.get(system)
-            if isinstance(pipeline, str):
-                log.warning("skipping %s: %s", system.name, pipeline)
-                report["skipped"][system.name] = pipeline
-                bar.update(cfg.prompts)
+            if system.kind == "vae":
+                clips_set = round_trip_set(system, other_specs, other_specs, model, cfg, bar)
+            else:
+                pipeline = pipelines.get(system)
+                clips_set = (
+                    pipeline
+                    if isinstance(pipeline, str)
+                    else generate_set(pipeline, system, specs, seeds, model, cfg, bar)
+                )
+            if isinstance(clips_set, str):
+                log.warning("skipping %s: %s", system.name, clips_set)
+                report["skipped"][system.name] = clips_set
+                bar.update(cfg.clips)
                 continue
-            clips_set = generate_set(pipeline, system, specs, seeds, model, cfg, bar)
             summary = summarise(clips_set, real)
             sheet = np.stack(clips_set.sheet) if clips_set.sheet else np.zeros((0,), np.uint8)
             clips = clips_set.per_clip()

@@ -20,10 +20,16 @@ from aptserve.evaluation.metrics import (
     paired_intervals,
     percentile_interval,
     verdict,
+    wilson_interval,
 )
+from aptserve.evaluation.purity import Purity, purity
 from aptserve.training.data import ShapeSpec
 
-SCORES = (*ATTRIBUTES, "all", "frechet")  # what intervals are reported for: adherence rates and the Frechet distance
+PURITY_PARTS = ("explained", "solid", "background", "visible")
+
+# What intervals are reported for: adherence rates, the mode purity rate and the Frechet distance.
+SCORES = (*ATTRIBUTES, "all", "purity", "frechet")
+RATES = (*ATTRIBUTES, "all", "purity")
 
 
 @dataclass
@@ -35,11 +41,13 @@ class ClipSet:
     classifier_hits: list[dict[str, bool]] = field(default_factory=list)
     features: list[np.ndarray] = field(default_factory=list)
     energy: list[np.ndarray] = field(default_factory=list)
+    purities: list[Purity] = field(default_factory=list)
     sheet: list[np.ndarray] = field(default_factory=list)  # (SHEET_FRAMES, H, W, 3) per sheet prompt
     seconds: float = 0.0
 
     def add(self, clips: np.ndarray, specs: list[ShapeSpec], model: ClipClassifier, cfg: EvalConfig) -> None:
         self.hits += [adherence(analyze(clip), spec) for clip, spec in zip(clips, specs)]
+        self.purities += [purity(clip) for clip in clips]
         feats, predicted = classify(model, clips)
         self.features.append(feats)
         truth = {name: value.numpy() for name, value in label_tensor(specs).items()}
@@ -51,10 +59,11 @@ class ClipSet:
         self.sheet += [clip[index] for clip in clips[: max(0, cfg.sheet_prompts - len(self.sheet))]]
 
     def per_clip(self) -> dict[str, np.ndarray]:
-        """What the bootstrap needs, in prompt order: features (N, D) and the analyzer's hits (N, 4) on
-        colour, shape, motion and all three."""
+        """What the bootstrap needs, in clip order (draw after draw): features (N, D), the analyzer's hits (N, 4) on
+        colour, shape, motion and all three, and each clip's purity (N,)."""
         hits = np.array([[h[name] for name in (*ATTRIBUTES, "all")] for h in self.hits], bool).reshape(-1, 4)
-        return {"features": np.concatenate(self.features).astype(np.float32), "hits": hits}
+        pure = np.array([p.pure for p in self.purities], bool)
+        return {"features": np.concatenate(self.features).astype(np.float32), "hits": hits, "purity": pure}
 
     def add_degraded(self, clips: np.ndarray, specs: list[ShapeSpec], seed: int) -> None:
         first = len(self.degraded_hits)
@@ -65,8 +74,12 @@ class ClipSet:
 
 def summarise(system: ClipSet, real: ClipSet) -> dict:
     feats, real_feats = np.concatenate(system.features), np.concatenate(real.features)
+    parts = {name: float(np.mean([getattr(p, name) for p in system.purities])) for name in PURITY_PARTS}
     return {
         "adherence": accuracy(system.hits),
+        "purity": float(np.mean([p.pure for p in system.purities])),
+        "purity_parts": parts,
+        "clips": len(system.hits),
         "adherence_extra": accuracy(system.hits, ("background", "size", "speed")),
         "classifier_adherence": accuracy(system.classifier_hits, tuple(LABELS)),
         "frechet": frechet_distance(feats, real_feats),
@@ -78,6 +91,7 @@ def summarise(system: ClipSet, real: ClipSet) -> dict:
 def replicates(clips: dict[str, np.ndarray], real: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
     """Bootstrap replicates (R,) of each score in SCORES, from per-clip readings paired by prompt with `real`'s."""
     reps = {name: mean_replicates(clips["hits"][:, i], indices) for i, name in enumerate((*ATTRIBUTES, "all"))}
+    reps["purity"] = mean_replicates(clips["purity"], indices)
     reps["frechet"] = frechet_replicates(clips["features"], real["features"], indices)
     return reps
 
@@ -120,4 +134,27 @@ def compare(
 
 def point_scores(summary: dict) -> dict[str, float]:
     """The estimates of SCORES from a summary row."""
-    return {**{name: summary["adherence"][name] for name in (*ATTRIBUTES, "all")}, "frechet": summary["frechet"]}
+    adherence = {name: summary["adherence"][name] for name in (*ATTRIBUTES, "all")}
+    return {**adherence, "purity": summary["purity"], "frechet": summary["frechet"]}
+
+
+def rate_intervals(summary: dict, confidence: float) -> dict[str, tuple[float, float]]:
+    """Wilson score intervals of the adherence and purity rates over the summary's clips (each clip one trial)."""
+    n = summary["clips"]
+    return {
+        name: wilson_interval(round(rate * n), n, confidence)
+        for name, rate in point_scores(summary).items()
+        if name in RATES
+    }
+
+
+def claim_verdict(interval: tuple[float, float], test: str, bound: float) -> str:
+    """ "holds" when the whole interval is on the claimed side of the bound, "fails" when none of it is,
+    "undecided" when it straddles the bound."""
+    low, high = interval
+    below = test.endswith("below")
+    if (high < bound) if below else (low > bound):
+        return "holds"
+    if (low >= bound) if below else (high <= bound):
+        return "fails"
+    return "undecided"

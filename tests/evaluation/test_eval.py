@@ -16,7 +16,7 @@ import pytest
 
 from aptserve.evaluation.analyzer import ATTRIBUTES, adherence, analyze, degrade
 from aptserve.evaluation.cache import SystemCache, model_fingerprint
-from aptserve.evaluation.config import EvalConfig, SystemSpec
+from aptserve.evaluation.config import ClaimSpec, EvalConfig, SystemSpec
 from aptserve.evaluation.images import write_png
 from aptserve.evaluation.metrics import (
     bootstrap_indices,
@@ -296,10 +296,24 @@ def test_run_eval_smoke(tmp_path, monkeypatch):
             SystemSpec(
                 "random 1 step, fast path", "tiny", 1, dtype="bfloat16", attention="int8_emulated", fp8_linears=True
             ),
+            SystemSpec("VAE round trip", "tiny", kind="vae"),
         ),
         comparisons=(("random 1 step", "random 1 step, fast path"), ("random 1 step", "missing")),
+        claims=(
+            ClaimSpec(
+                "fast path no further from real",
+                "random 1 step",
+                "random 1 step, fast path",
+                "frechet",
+                "ratio_below",
+                1.05,
+            ),
+            ClaimSpec("purer", "random 1 step", "random 3 steps", "purity", "difference_above", 0.0),
+            ClaimSpec("needs a missing system", "random 1 step", "missing", "frechet", "ratio_below", 1.0),
+        ),
         bootstrap=50,
         prompts=4,
+        draws=2,
         size="32x32",  # and 13 frames: the random-weight VAE decode is most of this test's time
         seconds=0.5,
         batch_size=4,
@@ -313,11 +327,20 @@ def test_run_eval_smoke(tmp_path, monkeypatch):
     assert "| random 1 step | 1 | — |" in text and "| random 3 steps | 3 | 1 |" in text
     assert "| missing | 1 | — | — |" in text and "skipped **missing**" in text and "no-such-checkpoint" in text
     report = json.loads(table.with_suffix(".json").read_text())
-    assert set(report["systems"]) == {"random 1 step", "random 3 steps", "random 1 step, fast path"}
+    assert set(report["systems"]) == {"random 1 step", "random 3 steps", "random 1 step, fast path", "VAE round trip"}
     assert set(report["intervals"]) == {"real", *report["systems"]}
     for spans in report["intervals"].values():
-        assert set(spans) == {"colour", "shape", "motion", "all", "frechet"}
+        assert set(spans) == {"colour", "shape", "motion", "all", "purity", "frechet"}
         assert all(low <= high for low, high in spans.values())
+    for name, rates in report["rates"].items():  # Wilson intervals hold their estimate
+        summary = report["real"] if name == "real" else report["systems"][name]
+        assert summary["clips"] == 8 and rates["purity"][0] <= summary["purity"] <= rates["purity"][1]
+    assert report["real"]["purity"] == 1.0  # rendered clips are one object on one background
+    assert "| VAE round trip | — | — |" in text and "4 (seed 0) x 2 noise draws = 8 clips" in text
+    decided, purer, missing_claim = report["claims"]
+    assert decided["verdict"] in ("holds", "fails", "undecided") and decided["interval"][0] <= decided["interval"][1]
+    assert purer["verdict"] in ("holds", "fails", "undecided") and "missing" in missing_claim
+    assert "| fast path no further from real | random 1 step, fast path / random 1 step | frechet b / a = " in text
     fast, missing = report["comparisons"]
     assert fast["scores"]["frechet"]["verdict"] in ("held", "failed", "undecided") and "missing" in missing
     assert "**random 1 step, fast path** (b) against **random 1 step** (a):" in text
@@ -332,7 +355,7 @@ def test_run_eval_smoke(tmp_path, monkeypatch):
         assert "quality/" + name + ".png" in text
     classifier = tmp_path / "runs" / "eval-classifier.pt"
     trained_at = classifier.stat().st_mtime_ns
-    again = run_eval(dataclasses.replace(cfg, systems=cfg.systems[2:], comparisons=()), progress=False)
+    again = run_eval(dataclasses.replace(cfg, systems=cfg.systems[2:], comparisons=(), claims=()), progress=False)
     assert classifier.stat().st_mtime_ns == trained_at  # the cached classifier, not a retrained one
     assert json.loads(again.with_suffix(".json").read_text())["real"] == report["real"]
 
@@ -386,7 +409,8 @@ def test_system_cache_reuses_results_until_the_checkpoint_changes(tmp_path, monk
     assert generated == [] and set(json.loads(older.with_suffix(".json").read_text())["intervals"]) == {"real"}
     row = next(line for line in older.read_text().splitlines() if line.startswith("| a 1 step |"))
     cells = [cell.strip() for cell in row.strip("|").split("|")]
-    assert cells[7] == "—" and cells[9] == "—" and cells[8] != "—"  # no intervals; the Frechet distance as cached
+    # no bootstrap interval (the Frechet distance as cached); the binomial intervals need only the summary
+    assert cells[11] == "—" and cells[10] != "—" and cells[7] != "—" and cells[9] != "—"
     assert (tmp_path / "docs" / "quality" / "a-1-step.png").is_file()
 
     save_checkpoint(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -163,6 +164,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     config_cls, train = stage(args.stage)
     overrides = {"steps": args.steps, "out": args.out, "export": args.export}
+    if "threads" in {f.name for f in dataclasses.fields(config_cls)}:  # stages that set threads themselves
+        overrides["threads"] = args.threads
     cfg = load_stage_config(config_cls, args.config, overrides)
     if args.threads:
         torch.set_num_threads(args.threads)

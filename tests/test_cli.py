@@ -87,7 +87,7 @@ def test_analyze_reads_a_clip_back_and_scores_the_prompt(tmp_path):
 
 def test_the_default_model_draws_the_default_prompt(tmp_path):
     """The training issue's acceptance check, as a user runs it: no --model, no --seed. The completed prompt is
-    drawn as a circle only narrowly (docs/QUALITY.md, "Short prompts completed by the caption grammar"), so a
+    drawn as a circle only narrowly (docs/QUALITY_LOG.md, "Short prompts completed by the caption grammar"), so a
     retrained default that loses it fails here."""
     import json
 
@@ -123,3 +123,19 @@ def test_missing_default_model_is_a_loud_error(tmp_path):
         [EXE, "serve", "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=120
     )
     assert served.returncode == 2 and "APTSERVE_MODELS_DIR" in served.stderr, served.stderr
+
+
+def test_train_threads_flag_overrides_the_config(monkeypatch):
+    """`--threads` wins over a stage config's own `threads` (APT's configs set 2)."""
+    import aptserve.training
+    from aptserve.cli import main
+    from aptserve.training.stage_apt import APTStageConfig
+
+    seen = []
+    monkeypatch.setattr(
+        aptserve.training, "stage", lambda name: (APTStageConfig, lambda cfg, progress: seen.append(cfg))
+    )
+    assert main(["train", "apt", "--config", "configs/apt_tiny.json", "--threads", "1", "--no-progress"]) == 0
+    assert seen[0].threads == 1 and seen[0].steps == 400
+    assert main(["train", "apt", "--config", "configs/apt_tiny.json", "--no-progress"]) == 0
+    assert seen[1].threads == 2

@@ -136,6 +136,6 @@ def test_train_threads_flag_overrides_the_config(monkeypatch):
         aptserve.training, "stage", lambda name: (APTStageConfig, lambda cfg, progress: seen.append(cfg))
     )
     assert main(["train", "apt", "--config", "configs/apt_tiny.json", "--threads", "1", "--no-progress"]) == 0
-    assert seen[0].threads == 1 and seen[0].steps == 400
+    assert seen[0].threads == 1 and seen[0].export == "models/shapes-apt-tiny"
     assert main(["train", "apt", "--config", "configs/apt_tiny.json", "--no-progress"]) == 0
     assert seen[1].threads == 2

@@ -159,8 +159,8 @@ class EvalConfig:
             "real_clips": self.real_clips,
             "classifier_epochs": self.classifier_epochs,
             "classifier_batch": self.classifier_batch,
+            "draws": self.draws,
         }
-        numbers["draws"] = self.draws
         bad = {k: v for k, v in numbers.items() if v < (2 if k == "prompts" else 1)}  # a covariance needs 2
         if bad or self.sheet_prompts < 0 or self.seconds <= 0:
             raise ValueError(f"eval config: need positive counts (prompts >= 2) and seconds; got {bad}, {self.seconds}")

@@ -12,12 +12,21 @@ import torch
 
 from aptserve.engines.config import frames_for_seconds, parse_size
 from aptserve.engines.loading import load_components, load_model, load_text_encoder
-from aptserve.engines.pipeline import Pipeline
+from aptserve.engines.pipeline import Pipeline, to_uint8
 from aptserve.engines.text import CachedTextEncoder
 from aptserve.evaluation.classifier import ClipClassifier
 from aptserve.evaluation.config import FPS, EvalConfig, SystemSpec
 from aptserve.evaluation.scoring import ClipSet
-from aptserve.training.data import BACKGROUNDS, SIZES, SPEEDS, ShapeSpec, held_out_combinations, render, spec_for
+from aptserve.training.data import (
+    BACKGROUNDS,
+    SIZES,
+    SPEEDS,
+    ShapeSpec,
+    held_out_combinations,
+    render,
+    spec_for,
+    to_tensor,
+)
 
 
 def eval_specs(count: int, seed: int, redraw: int = 0, open_attributes: bool = False) -> list[ShapeSpec]:
@@ -151,25 +160,22 @@ def load_vae(model: str, device: str = "cpu") -> torch.nn.Module:
 
 
 def round_trip_set(
-    system: SystemSpec, specs: list[ShapeSpec], scored: list[ShapeSpec], model: ClipClassifier, cfg: EvalConfig, bar
+    system: SystemSpec, specs: list[ShapeSpec], model: ClipClassifier, cfg: EvalConfig, bar
 ) -> ClipSet | str:
     """The real clips of `specs` encoded and decoded by the system's VAE (posterior mean, whole clip), scored
-    against `scored`; the reason as a string when the checkpoint cannot be loaded."""
+    against the same specs; the reason as a string when the checkpoint cannot be loaded."""
     try:
         vae = load_vae(system.model, cfg.device)
     except ValueError as exc:  # a checkpoint that does not exist (yet)
         return str(exc)
     width, height = parse_size(cfg.size)
     clips_set = ClipSet()
-    start = 0
     for batch, clips in rendered_batches(specs, frames_for_seconds(cfg.seconds, FPS), height, width, cfg.batch_size):
         began = time.perf_counter()
         with torch.inference_mode():
-            video = torch.from_numpy(clips).to(cfg.device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
-            decoded = vae.decode(vae.encode(video)).clamp(-1.0, 1.0)
-        out = ((decoded + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+            video = torch.stack([to_tensor(clip) for clip in clips]).to(cfg.device)
+            decoded = to_uint8(vae.decode(vae.encode(video)))
         clips_set.seconds += time.perf_counter() - began
-        clips_set.add(out, scored[start : start + len(batch)], model, cfg)
-        start += len(batch)
+        clips_set.add(decoded, batch, model, cfg)
         bar.update(len(batch))
     return clips_set

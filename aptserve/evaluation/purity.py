@@ -21,7 +21,7 @@ reject a 50/50 pixel average of two valid clips, which is what averaging two mod
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -50,9 +50,6 @@ class Purity:
             and self.visible >= PURE["visible"]
         )
 
-    def as_dict(self) -> dict[str, float | bool]:
-        return {**asdict(self), "pure": self.pure}
-
 
 def purity(video: np.ndarray) -> Purity:
     """uint8 (F, H, W, 3) -> how cleanly the clip is one palette object on one palette background."""
@@ -65,10 +62,10 @@ def purity(video: np.ndarray) -> Purity:
     background = _PALETTE_BACKGROUNDS[nearest]
     colour = np.array(COLOURS[nearest_colour(core_colour(pixels, border), border)], np.float32)
     direction = colour - background
-    along = np.clip((pixels - background) @ direction / float(direction @ direction), 0.0, 1.0)  # (F, H, W)
-    residual = pixels - background - along[..., None] * direction
-    explained = np.einsum("...c,...c->...", residual, residual) <= PIXEL_TOLERANCE**2
     away = pixels - background
+    along = np.clip(away @ direction / float(direction @ direction), 0.0, 1.0)  # (F, H, W)
+    residual = away - along[..., None] * direction
+    explained = np.einsum("...c,...c->...", residual, residual) <= PIXEL_TOLERANCE**2
     foreground = np.einsum("...c,...c->...", away, away) > PIXEL_TOLERANCE**2
     on_line = explained & (along >= 0.25)
     solid = on_line & (along >= 0.75)

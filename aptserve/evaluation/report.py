@@ -327,7 +327,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, only: tuple[str, ...] = ())
             bar.update(cfg.clips)
         else:
             if system.kind == "vae":
-                clips_set = round_trip_set(system, other_specs, other_specs, model, cfg, bar)
+                clips_set = round_trip_set(system, other_specs, model, cfg, bar)
             else:
                 pipeline = pipelines.get(system)
                 clips_set = (

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from aptserve.engines.pipeline import to_uint8
 from aptserve.evaluation.analyzer import degrade
 from aptserve.evaluation.config import DEGRADE
 from aptserve.evaluation.generate import eval_specs
 from aptserve.evaluation.metrics import bootstrap_indices, cluster_indices, wilson_interval
 from aptserve.evaluation.purity import purity
 from aptserve.evaluation.scoring import claim_verdict
-from aptserve.training.data import BACKGROUNDS, COLOURS, render
+from aptserve.training.data import BACKGROUNDS, COLOURS, render, to_tensor
 
 N = 48
 
@@ -41,11 +42,9 @@ def test_the_shipped_vae_round_trip_is_pure():
     from aptserve.evaluation.generate import load_vae
 
     vae = load_vae("models/shapes-vae-tiny")
-    videos = np.stack([render(spec, 49, 64, 64) for spec in eval_specs(12, 0)])
+    videos = [render(spec, 49, 64, 64) for spec in eval_specs(12, 0)]
     with torch.inference_mode():
-        x = torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        y = vae.decode(vae.encode(x)).clamp(-1, 1)
-    round_trip = ((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+        round_trip = to_uint8(vae.decode(vae.encode(torch.stack([to_tensor(v) for v in videos]))))
     assert all(purity(v).pure for v in round_trip)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from aptserve.engines.config import ModelConfig, frames_for_seconds, parse_size
 from aptserve.engines.loading import LoadedModel, cast_model, load_light_decoder, load_model, load_text_encoder
 from aptserve.engines.prompts import CaptionGrammar
 from aptserve.engines.text import CachedTextEncoder, TextEncoder
+
+if TYPE_CHECKING:
+    from aptserve.engines.group import ParallelGroup
 
 STAGES = ("text_encode", "dit", "vae_decode")
 DECODERS = ("full", "light")  # the VAE's own decoder, or the model's distilled light one (ModelConfig.light_decoder)
@@ -108,6 +112,20 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
+def load_generation_model(
+    spec: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, decoder: str = "full"
+) -> LoadedModel:
+    """The generator and the VAE a pipeline runs (`Pipeline.from_name`, less the text encoder): `decoder` "light"
+    swaps in the model's distilled light decoder."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
+    model = load_model(spec, device, dtype)
+    if decoder == "light":
+        folder = model.source if Path(model.source).is_dir() else None
+        model = dataclasses.replace(model, vae=load_light_decoder(model.config, folder, device, dtype))
+    return model
+
+
 class Pipeline:
     def __init__(
         self,
@@ -125,6 +143,7 @@ class Pipeline:
         self.vae = cast_model(model.vae.to(self.device), dtype).eval()
         grammar = self.config.prompt_grammar
         self.grammar = CaptionGrammar.from_dict(grammar) if grammar is not None else None
+        self.group: ParallelGroup | None = None  # set by ParallelGroup.attach: dit and vae then run on its ranks
 
     @classmethod
     def from_name(
@@ -137,12 +156,7 @@ class Pipeline:
     ) -> Pipeline:
         """A checkpoint folder, a folder under models/, or a preset (random weights), with its text encoder.
         `decoder` "light" decodes with the model's distilled light decoder instead of its VAE's own."""
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
-        model = load_model(spec, device, dtype)
-        if decoder == "light":
-            folder = model.source if Path(model.source).is_dir() else None
-            model = dataclasses.replace(model, vae=load_light_decoder(model.config, folder, device, dtype))
+        model = load_generation_model(spec, device, dtype, decoder)
         text_encoder = CachedTextEncoder(load_text_encoder(model.config.text, device), cache_size)
         return cls(model, text_encoder, device, dtype)
 

@@ -10,6 +10,7 @@ import os
 import resource
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -30,6 +31,9 @@ from aptserve.server.scheduler import Scheduler
 from aptserve.server.settings import Settings
 from aptserve.server.store import JobStore, StorageError
 from aptserve.server.worker import EngineWorker, WarmupShape
+
+if TYPE_CHECKING:
+    from aptserve.engines.group import ParallelGroup
 
 log = logging.getLogger("aptserve")
 
@@ -75,6 +79,7 @@ def build_services(settings: Settings) -> Services:
     device, dtype = resolve_device(settings.device, settings.dtype)
     options = settings.run_options()
     options.check(device, config.dit.depth)
+    group = parallel_group(settings, options, config, device, dtype)
     if options.decoder == "light" and config.light_decoder is None:
         raise ValueError(f"decoder=light: model {name} ships no light decoder (its config names none)")
     metrics = Metrics()
@@ -82,10 +87,11 @@ def build_services(settings: Settings) -> Services:
     metrics.track_device_memory(device_memory_reader(device))
     scheduler = Scheduler(settings.max_queue, settings.max_batch_size, settings.batch_wait_ms / 1000)
     worker = EngineWorker(
-        lambda: load_pipeline(settings, options, device, dtype),
+        lambda: load_pipeline(settings, options, device, dtype, group),
         scheduler,
         warmup_plan(settings, config),
         settings.prompt_completion,
+        on_group_restart=metrics.sp_restarts.inc,
     )
     try:
         store = open_store(settings)
@@ -111,13 +117,43 @@ def open_store(settings: Settings) -> JobStore:
     return PgJobStore(settings.database_url, settings.data_dir, settings.job_ttl_s, settings.lease_s)
 
 
-def load_pipeline(settings: Settings, options: RunOptions, device: str, dtype):
-    """The served pipeline: weights loaded, then the run options (checked at startup) applied in one `prepare` call."""
+def load_pipeline(settings: Settings, options: RunOptions, device: str, dtype, group: ParallelGroup | None = None):
+    """The served pipeline: weights loaded, then the run options (checked at startup) applied in one `prepare` call;
+    with a sequence-parallel group, its ranks started and given the generator and decode."""
     from aptserve.engines.pipeline import Pipeline
 
     pipeline = Pipeline.from_name(settings.model, device, dtype, settings.text_cache_size, decoder=options.decoder)
     log.info("running %s", ", ".join(f"{k}={v}" for k, v in options.describe().items()))
-    return options.apply(pipeline)
+    pipeline = options.apply(pipeline)
+    if group is not None:
+        log.info("sequence parallel over %d ranks (ulysses %s)", group.size, settings.sp_ulysses or "auto")
+        group.attach(pipeline)
+    return pipeline
+
+
+def parallel_group(
+    settings: Settings, options: RunOptions, config: ModelConfig, device: str, dtype
+) -> ParallelGroup | None:
+    """The sequence-parallel group `sp` asks for, checked but not started (ValueError, one line, when it cannot run)."""
+    if settings.sp == 1:
+        if settings.sp_ulysses not in (None, 1):
+            raise ValueError("sp_ulysses splits heads across sequence-parallel ranks; it needs sp > 1")
+        return None
+    from aptserve.engines.group import ParallelGroup, RankSpec
+
+    sp, heads = settings.sp, config.dit.num_heads
+    if options.backend == "tensorrt":
+        raise ValueError("sp runs the eager or compiled backend; the TensorRT engines are built for one GPU")
+    if options.cuda_graphs:
+        raise ValueError("cuda_graphs capture a whole generator pass; with sp the ranks agree between blocks")
+    if settings.sp_ulysses is not None and (sp % settings.sp_ulysses or heads % settings.sp_ulysses):
+        raise ValueError(f"sp_ulysses {settings.sp_ulysses} must divide sp ({sp}) and the model's {heads} heads")
+    rows = parse_size(config.default_size)[1] // config.vae.spatial_factor
+    if rows < sp:
+        raise ValueError(f"sp {sp} splits the decode by latent rows; the default size has only {rows}")
+    threads = max(1, (os.cpu_count() or 1) // sp)
+    spec = RankSpec(settings.model, device, dtype, options.decoder, options, settings.sp_ulysses, threads)
+    return ParallelGroup(spec, sp, timeout_s=settings.sp_timeout_s)
 
 
 def warmup_plan(settings: Settings, config: ModelConfig) -> list[WarmupShape]:

@@ -76,6 +76,14 @@ class Generation:
                 "invalid_size",
                 "size",
             )
+        if height // config.vae.spatial_factor < s.sp:
+            raise APIError(
+                400,
+                f"size {width}x{height}: the decode is split by rows across {s.sp} ranks here, so the height must be "
+                f"at least {s.sp * config.vae.spatial_factor}.",
+                "invalid_size",
+                "size",
+            )
         seconds = s.default_seconds if params.seconds is None else params.seconds
         if not 0 < seconds <= s.max_seconds:
             raise APIError(
@@ -164,7 +172,7 @@ class Generation:
                 if isinstance(event, Failed):
                     if event.reason == "deadline":
                         m.cancel("deadline")
-                    elif event.reason == "error":
+                    elif event.reason in ("error", "rank_failed"):
                         m.error("engine")
                     raise GenerationStopped(event.reason, event.message)
                 t0 = time.perf_counter()

@@ -28,6 +28,8 @@ FAILURE_MESSAGES = {  # error code -> what a client reads
     "deadline_exceeded": "The generation did not finish before its deadline.",
     "generation_failed": "The generation failed on the server.",
     "internal_error": "The server had an error while processing this job.",
+    "rank_failed": "A rank of the server's sequence-parallel group failed during this generation; the server "
+    "restarts the group, so the job can be created again.",
     "storage_full": "The server ran out of storage space while writing this video.",
     "storage_unavailable": "The server could not write this video: its storage is not writable.",
 }
@@ -121,9 +123,12 @@ class JobManager:
             await self._write_video(job_id, pieces)
             outcome = COMPLETED
         except GenerationStopped as exc:
-            outcome = {"shutdown": "requeue", "deleted": "deleted", "deadline": "deadline_exceeded"}.get(
-                exc.reason, "generation_failed"
-            )
+            outcome = {
+                "shutdown": "requeue",
+                "deleted": "deleted",
+                "deadline": "deadline_exceeded",
+                "rank_failed": "rank_failed",
+            }.get(exc.reason, "generation_failed")
             log.info("job %s stopped (%s): %s", job_id, exc.reason, exc)
         except Exception as exc:
             if (fault := storage_fault(exc)) is None:

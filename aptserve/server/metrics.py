@@ -90,6 +90,9 @@ class Metrics:
         )
         self.cancelled = Counter(f"{p}_cancelled", "generations stopped before the end", ("reason",), registry=r)
         self.errors = Counter(f"{p}_errors", "errors by kind", ("kind",), registry=r)
+        self.sp_restarts = Counter(
+            f"{p}_sp_restarts", "sequence-parallel group restarts after a rank died or failed", registry=r
+        )
         self.device_memory = Gauge(f"{p}_device_memory_bytes", "memory held by the model's device", registry=r)
         self.build_info = Gauge(f"{p}_build_info", "build, model and how it runs", BUILD_LABELS, registry=r)
         for stage in STAGES:

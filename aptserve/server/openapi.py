@@ -25,7 +25,7 @@ ERROR_DESCRIPTIONS = {
     416: "The Range is beyond the end of the file",
     429: "At capacity, or over the key's `rate_limit_per_minute`: retry after `Retry-After` seconds",
     500: "Server error",
-    503: "The model or the server's storage is not available",
+    503: "The model or the server's storage is not available, or a sequence-parallel rank failed (rank_failed)",
     504: "The generation did not finish before its deadline",
     507: "The server is out of storage space",
 }

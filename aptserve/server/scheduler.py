@@ -62,7 +62,7 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     request_id: str
-    reason: str  # a cancel reason (client_disconnected, deleted, deadline, ...) or "error"
+    reason: str  # a cancel reason (client_disconnected, deleted, deadline, ...), "error" or "rank_failed"
     message: str
 
 

@@ -68,6 +68,24 @@ class Settings(BaseSettings):
         "expired (its replica died) is claimed by another replica",
     )
     claim_interval_s: float = Field(0.5, gt=0, description="with database_url: how often a replica claims queued jobs")
+    sp: int = Field(
+        1,
+        ge=1,
+        description="sequence-parallel ranks that run every clip together: processes of one torch.distributed group "
+        "(one GPU each over NCCL on CUDA, gloo on the CPU); rank 0 serves HTTP and sends the others their work",
+    )
+    sp_ulysses: int | None = Field(
+        None,
+        ge=1,
+        description="with sp: ranks that split attention heads (Ulysses); it must divide sp and the model's head "
+        "count (default: their gcd); a ring over key/value blocks takes the rest of the degree",
+    )
+    sp_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="with sp: longest a rank waits for its peers inside a collective before the request fails and "
+        "the group restarts",
+    )
     max_attempts: int = Field(3, ge=1, description="restarts a job may survive before it is failed")
     max_seconds: float = Field(10.0, gt=0, description="longest clip a client may ask for")
     max_pixels: int = Field(1280 * 720, ge=256, description="largest width x height a client may ask for")

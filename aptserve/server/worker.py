@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from aptserve.engines.group import GroupFailed
 from aptserve.engines.pipeline import Cancelled, GenerationRequest, Pipeline
 from aptserve.server.scheduler import ChunkReady, Failed, Finished, Scheduler, Started, Ticket
 
@@ -34,9 +35,11 @@ class EngineWorker:
         scheduler: Scheduler,
         warmup: Sequence[WarmupShape] = (WarmupShape("", 0.5),),
         complete_prompts: bool = True,
+        on_group_restart: Callable[[], None] = lambda: None,
     ):
         self._load, self.scheduler, self.warmup = load, scheduler, tuple(warmup)
         self.complete_prompts = complete_prompts  # by the model's caption grammar (aptserve.engines.prompts)
+        self.on_group_restart = on_group_restart  # a sequence-parallel group was restarted (counted by the server)
         self.pipeline: Pipeline | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
@@ -49,6 +52,8 @@ class EngineWorker:
         """Stop taking work, let the running batch end its current chunk, return tickets that never started."""
         left = self.scheduler.close()
         self._thread.join(timeout)
+        if self.pipeline is not None and self.pipeline.group is not None:
+            self.pipeline.group.close()
         return left
 
     def _run(self) -> None:
@@ -73,6 +78,7 @@ class EngineWorker:
             log.info("warm-up %d/%d (%s) took %.2f s", i, len(self.warmup), shape, time.perf_counter() - start)
 
     def run_batch(self, batch: list[Ticket]) -> None:
+        self._restart_group()  # a rank that died while the server was idle costs this batch a restart, not a failure
         now = time.monotonic()
         first = batch[0].request
         request = GenerationRequest(
@@ -106,6 +112,13 @@ class EngineWorker:
         except Cancelled:  # every ticket was answered as it stopped
             self.scheduler.refund(since=now)
             return
+        except GroupFailed as exc:  # a sequence-parallel rank died or failed: the batch is lost, the group restarts
+            for ticket in batch:
+                if not ticket.done:
+                    ticket.deliver(Failed(ticket.request.id, "rank_failed", str(exc)))
+            self.scheduler.refund(since=now)
+            self._restart_group()
+            return
         except Exception as exc:
             log.exception("generation failed for %s", [t.request.id for t in batch])
             for ticket in batch:
@@ -116,6 +129,21 @@ class EngineWorker:
         for ticket in batch:
             if not ticket.done:
                 ticket.deliver(Finished(ticket.request.id, dict(timings), request.frames))
+
+    def _restart_group(self) -> None:
+        """Restart the pipeline's sequence-parallel group if a rank died or failed; /readyz says loading meanwhile.
+        A restart that fails leaves the server not ready; the next batch tries again (and fails with the reason)."""
+        group = self.pipeline.group
+        if group is None or group.healthy():
+            return
+        self.ready.clear()
+        try:
+            group.restart()
+        except Exception:
+            log.exception("sequence parallel: the group did not restart")
+            return
+        self.on_group_restart()
+        self.ready.set()
 
     @staticmethod
     def _stopped(ticket: Ticket) -> bool:

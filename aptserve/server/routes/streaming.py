@@ -92,6 +92,14 @@ async def _body(services: Services, ticket: Ticket):
 def _stopped_error(exc: GenerationStopped) -> APIError:
     if exc.reason == "deadline":
         return APIError(504, "The generation did not finish before its deadline.", "deadline_exceeded")
+    if exc.reason == "rank_failed":  # which rank and how is in the log
+        log.error("generation failed: %s", exc)
+        return APIError(
+            503,
+            "A rank of the server's sequence-parallel group failed during this generation; the server restarts the "
+            "group. Retry the request.",
+            "rank_failed",
+        )
     log.error("generation %s failed: %s", exc.reason, exc)  # the detail stays in the log
     return APIError(500, "The generation failed.", "generation_failed")
 
@@ -284,7 +292,7 @@ class StreamSession:
                     await self.send(ws_event("done", id=r.id, **piece.info))
         except GenerationStopped as exc:
             with contextlib.suppress(Exception):
-                if exc.reason in ("error", "deadline"):
+                if exc.reason in ("error", "deadline", "rank_failed"):
                     error = _stopped_error(exc)
                     await self.send(ws_event("error", id=r.id, status=error.status, **error.body()))
                 else:

@@ -29,7 +29,7 @@ from aptserve.server.openapi import install_openapi
 from aptserve.server.routes import streaming, system, videos
 from aptserve.server.scheduler import Scheduler
 from aptserve.server.settings import Settings
-from aptserve.server.store import JobStore, StorageError
+from aptserve.server.store import DatabaseUnavailable, JobStore, StorageError
 from aptserve.server.worker import EngineWorker, WarmupShape
 
 if TYPE_CHECKING:
@@ -98,6 +98,8 @@ def build_services(settings: Settings) -> Services:
         secret = owner_secret(settings.data_dir)
     except (StorageError, OSError) as exc:
         raise ValueError(f"data_dir {settings.data_dir} is not writable: {exc}") from exc
+    except DatabaseUnavailable as exc:
+        raise ValueError(f"database_url: {exc}") from exc
     if store.shared_queue:  # every replica hashes owners alike: the first secret stored is everyone's
         secret = store.shared_secret(secret)
     keys = KeyRing(settings.api_keys, settings.admin_api_keys, secret, settings.rate_limit_per_minute)
@@ -217,7 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     count_error = functools.partial(_count_error, services.metrics)
-    install_error_handlers(app, on_error=count_error)
+    install_error_handlers(app, on_error=count_error, retry_after_s=settings.retry_after_s)
     install_openapi(app, settings, services.generation)
     app.include_router(videos.router)
     app.include_router(streaming.router)
@@ -232,7 +234,7 @@ def _count_error(metrics: Metrics, status: int, code: str | None) -> None:
         return  # counted where they happen
     if code == "rate_limit_exceeded":
         metrics.error("rate_limited")
-    elif code in ("storage_full", "storage_unavailable"):
+    elif code in ("storage_full", "storage_unavailable", "database_unavailable"):
         metrics.error("storage")
     elif status == 404:
         metrics.error("not_found")

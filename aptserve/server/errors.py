@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aptserve.server.store import DatabaseUnavailable
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -71,7 +73,7 @@ def _http_routes(routes: list) -> list:
     return [route for route in flat if getattr(route, "methods", None) and getattr(route, "path_regex", None)]
 
 
-def install_error_handlers(app: FastAPI, on_error=None) -> None:
+def install_error_handlers(app: FastAPI, on_error=None, retry_after_s: int = 1) -> None:
     """`on_error(status, code)` lets the app count client and server errors without this module knowing metrics."""
 
     def respond(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
@@ -96,6 +98,11 @@ def install_error_handlers(app: FastAPI, on_error=None) -> None:
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
         return respond(exc.status_code, envelope(exc.status_code, str(exc.detail)), headers)
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database_unavailable(request: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        body = envelope(503, "The job database is not reachable right now; retry later.", "database_unavailable")
+        return respond(503, body, {"Retry-After": str(retry_after_s)})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -20,7 +20,16 @@ from aptserve.server.errors import APIError
 from aptserve.server.generation import Generation, GenerationStopped, Piece
 from aptserve.server.protocol import Video, VideoCreateParams, VideoError
 from aptserve.server.scheduler import Ticket
-from aptserve.server.store import COMPLETED, FAILED, JobStore, StorageError, VideoJob, new_job_id, storage_fault
+from aptserve.server.store import (
+    COMPLETED,
+    FAILED,
+    DatabaseUnavailable,
+    JobStore,
+    StorageError,
+    VideoJob,
+    new_job_id,
+    storage_fault,
+)
 
 log = logging.getLogger("aptserve.jobs")
 
@@ -62,6 +71,8 @@ class JobManager:
         if self.store.fault is not None and self.store.probe() is not None:
             raise self._refusal(self.store.fault)  # known unwritable (checked again now): nothing is queued
         # 429 before anything is stored; a shared queue's row is all there is until a replica claims it.
+        if self.store.shared_queue:
+            self._check_shared_queue()
         ticket = None if self.store.shared_queue else self.generation.submit(request)
         try:
             self.store.create(job)
@@ -75,6 +86,19 @@ class JobManager:
         if ticket is not None:
             self._start(job, ticket)
         return job
+
+    def _check_shared_queue(self) -> None:
+        """429 when the shared queue already holds `max_shared_queue` jobs no replica has claimed. Replicas that
+        create jobs at the same moment can each pass at the bound, so it may be passed by as many jobs as they make."""
+        settings, waiting = self.generation.settings, self.store.backlog()
+        if waiting >= settings.max_shared_queue:
+            self.generation.metrics.error("queue_full")
+            raise APIError(
+                429,
+                f"Server is at capacity: {waiting} jobs wait in the shared queue. Retry later.",
+                "queue_full",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            )
 
     def _cancel(self, ticket: Ticket | None, reason: str) -> None:
         if ticket is not None:
@@ -167,7 +191,7 @@ class JobManager:
             elif outcome in FAILURE_MESSAGES:
                 self.store.mark_failed(job_id, outcome, FAILURE_MESSAGES[outcome])
                 self.unrecorded.pop(job_id, None)
-        except StorageError as exc:
+        except (StorageError, DatabaseUnavailable) as exc:
             if outcome == "requeue":  # still in progress in the store, so re-queued at the next start anyway
                 log.warning("job %s could not be re-queued now (%s); the next start re-queues it", job_id, exc)
             else:

@@ -11,6 +11,7 @@ Imported only when a database URL is set, so the server runs without psycopg.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -21,7 +22,9 @@ from pathlib import Path
 import psycopg
 import psycopg.errors
 
-from aptserve.server.store import FAILED, IN_PROGRESS, QUEUED, JobStore, VideoJob
+from aptserve.server.store import FAILED, IN_PROGRESS, QUEUED, DatabaseUnavailable, JobStore, VideoJob
+
+log = logging.getLogger("aptserve.store")
 
 _LOCK_KEY = 0x61707473  # advisory lock: replicas starting together create the schema once
 _SCHEMA = """
@@ -45,13 +48,46 @@ _LEASE = "now() + make_interval(secs => ?)"
 
 
 class _QmarkConnection:
-    """A psycopg connection (autocommit) that takes the `?` placeholders of the SQLite store's queries."""
+    """A psycopg connection (autocommit) that takes the `?` placeholders of the SQLite store's queries.
 
-    def __init__(self, url: str):
-        self.raw = psycopg.connect(url, autocommit=True)
+    A connection the server closed (a restart, a failover, an idle timeout in a proxy) fails the operation that finds
+    it so, as DatabaseUnavailable; the next operation opens a new one. A transaction never spans two connections."""
+
+    def __init__(self, url: str, connect_timeout_s: int = 10):
+        self.url, self.connect_timeout_s = url, connect_timeout_s
+        self.raw = self._connect()
+        self._in_transaction = False
+
+    def _connect(self) -> psycopg.Connection:
+        try:
+            return psycopg.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout_s)
+        except psycopg.OperationalError as exc:
+            raise DatabaseUnavailable(f"cannot connect to the job database: {exc}") from exc
+
+    def _reopen_if_lost(self) -> None:
+        if (self.raw.closed or self.raw.broken) and not self._in_transaction:
+            self.raw.close()
+            self.raw = self._connect()
+            log.warning("the job database connection was lost: reconnected")
 
     def execute(self, sql: str, params: tuple | list = ()) -> psycopg.Cursor:
-        return self.raw.execute(sql.replace("?", "%s"), params)
+        self._reopen_if_lost()
+        try:
+            return self.raw.execute(sql.replace("?", "%s"), params)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            raise DatabaseUnavailable(f"job database: {exc}") from exc
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[_QmarkConnection]:
+        self._reopen_if_lost()
+        self._in_transaction = True
+        try:
+            with self.raw.transaction():
+                yield self
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:  # the commit, or a rollback after a loss
+            raise DatabaseUnavailable(f"job database: {exc}") from exc
+        finally:
+            self._in_transaction = False
 
     def close(self) -> None:
         self.raw.close()
@@ -83,8 +119,8 @@ class PgJobStore(JobStore):
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[_QmarkConnection]:
-        with self._lock, self._conn.raw.transaction():
-            yield self._conn
+        with self._lock, self._conn.transaction() as conn:
+            yield conn
 
     def shared_secret(self, candidate: bytes) -> bytes:
         """The owner-hash secret every replica uses: the first one stored (`candidate` if none is yet)."""

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         "expired (its replica died) is claimed by another replica",
     )
     claim_interval_s: float = Field(0.5, gt=0, description="with database_url: how often a replica claims queued jobs")
+    max_shared_queue: int = Field(
+        256,
+        ge=1,
+        description="with database_url: jobs waiting in the shared queue (claimed by no replica) beyond this get 429",
+    )
     sp: int = Field(
         1,
         ge=1,

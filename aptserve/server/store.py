@@ -77,6 +77,10 @@ class StorageError(Exception):
         return "storage_full" if self.full else "storage_unavailable"
 
 
+class DatabaseUnavailable(Exception):
+    """The shared job database could not be reached for this operation (503); the next one connects again."""
+
+
 def storage_fault(exc: BaseException) -> StorageError | None:
     """The storage fault an OS or SQLite error stands for, or None when it is something else."""
     if isinstance(exc, StorageError):

@@ -24,7 +24,7 @@ from tests.server.test_streaming import decode
 
 psycopg = pytest.importorskip("psycopg")
 from aptserve.server.pgstore import PgJobStore  # noqa: E402  (needs psycopg)
-from aptserve.server.store import VideoJob  # noqa: E402
+from aptserve.server.store import DatabaseUnavailable, VideoJob  # noqa: E402
 
 
 def postgres_bin() -> Path | None:
@@ -97,6 +97,47 @@ def test_lease_rules_on_two_stores(database_url, tmp_path):
         assert first.shared_secret(b"x" * 32) == second.shared_secret(b"y" * 32) == b"x" * 32
 
 
+def drop_connections(database_url: str, application_name: str | None = None) -> int:
+    """What a database restart or failover does to its clients: their connections closed under them."""
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        return admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND (%s::text IS NULL OR application_name = %s)",
+            (application_name, application_name),
+        ).fetchone()[0]
+
+
+def test_a_lost_connection_fails_one_operation_and_the_next_reconnects(database_url, tmp_path):
+    name = "aptserve-lost-connection"
+    with PgJobStore(f"{database_url}?application_name={name}", tmp_path) as store:
+        made = store.create(job())
+        for operation in (lambda: store.get(made.id), lambda: store.claim(1, max_attempts=3)):  # a read, a write
+            assert drop_connections(database_url, name) == 1
+            with pytest.raises(DatabaseUnavailable):
+                operation()
+            operation()
+        assert store.get(made.id).status == "queued" and store.backlog() == 0  # claimed once, by the second try
+
+
+def test_a_full_shared_queue_is_a_429_and_stores_nothing(database_url, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from aptserve.server.app import create_app
+    from tests.server.conftest import make_settings
+
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE aptserve_bound")
+    url = database_url.rsplit("/", 1)[0] + "/aptserve_bound"
+    app = create_app(make_settings(tmp_path, database_url=url, max_shared_queue=2))  # no lifespan: nobody claims
+    client = TestClient(app)
+    assert [client.post("/v1/videos", json=CLIP).status_code for _ in range(2)] == [200, 200]
+    refused = client.post("/v1/videos", json=CLIP)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+    assert refused.headers["Retry-After"] == "1" and "2 jobs wait" in refused.json()["error"]["message"]
+    assert len(client.get("/v1/videos").json()["data"]) == 2
+    app.state.services.store.close()
+
+
 @pytest.fixture(scope="module")
 def replicas(serve, database_url, tmp_path_factory):
     """Two replicas on one database and one data dir, with short leases."""
@@ -151,6 +192,25 @@ def test_many_jobs_each_run_once(replicas, database_url):
     assert sorted(p.name for p in (shared / "videos").iterdir()) == sorted(f"{i}.mp4" for i in ids)
     for replica in (first, second):  # the backlog autoscaling reads: nothing left waiting
         wait_for(lambda r=replica: "aptserve_shared_queue_depth 0.0" in httpx.get(r.url + "/metrics").text)
+
+
+def test_replicas_reconnect_after_the_database_drops_them(replicas, database_url):
+    (first, second), _ = replicas
+    assert drop_connections(database_url) >= 2
+    answers = []
+
+    def listed() -> bool:  # a replica's first use of its dropped connection may fail (503); none may be a 500
+        response = httpx.get(first.url + "/v1/videos", headers=KEYS["a"])
+        answers.append((response.status_code, response.json().get("error", {}).get("code")))
+        return response.status_code == 200
+
+    wait_for(listed, timeout=10, what="a list after the drop")
+    assert set(answers) <= {(200, None), (503, "database_unavailable")}, answers
+    made = wait_for(
+        lambda: (r := httpx.post(second.url + "/v1/videos", json=CLIP, headers=KEYS["a"])).status_code == 200 and r,
+        timeout=10,
+    )
+    completed(first.url, made.json()["id"])
 
 
 def test_delete_on_one_replica_cancels_the_run_on_the_other(replicas, database_url):

@@ -125,8 +125,9 @@ class ParallelGroup:
         try:
             self._wait_until_loaded()
             self._sp, self._flags = _join(0, self.size, init, self.spec, self.timeout_s, self._dit)
-        except BaseException:
+        except BaseException as exc:
             self._stop_workers(graceful=False)
+            self.failure = str(exc) if isinstance(exc, GroupFailed) else _one_line(exc)
             raise
         self.failure = None
 
@@ -141,7 +142,6 @@ class ParallelGroup:
         log.warning("sequence parallel: restarting the group (%s)", self.failure)
         self._stop_workers(graceful=False)
         self.restarts += 1
-        self.failure = "restarting"
         self.start()
 
     def close(self) -> None:

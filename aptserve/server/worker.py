@@ -42,6 +42,7 @@ class EngineWorker:
         self.on_group_restart = on_group_restart  # a sequence-parallel group was restarted (counted by the server)
         self.pipeline: Pipeline | None = None
         self.ready = threading.Event()
+        self._stopping = threading.Event()
         self.load_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="aptserve-engine", daemon=True)
 
@@ -51,6 +52,7 @@ class EngineWorker:
     def stop(self, timeout: float = 30.0) -> list[Ticket]:
         """Stop taking work, let the running batch end its current chunk, return tickets that never started."""
         left = self.scheduler.close()
+        self._stopping.set()
         self._thread.join(timeout)
         if self.pipeline is not None and self.pipeline.group is not None:
             self.pipeline.group.close()
@@ -132,16 +134,21 @@ class EngineWorker:
 
     def _restart_group(self) -> None:
         """Restart the pipeline's sequence-parallel group if a rank died or failed; /readyz says loading meanwhile.
-        A restart that fails leaves the server not ready; the next batch tries again (and fails with the reason)."""
+        A restart that fails is tried again after 1, 2, 4 ... 60 s until one succeeds or the server stops."""
         group = self.pipeline.group
         if group is None or group.healthy():
             return
         self.ready.clear()
-        try:
-            group.restart()
-        except Exception:
-            log.exception("sequence parallel: the group did not restart")
-            return
+        delay = 1.0
+        while True:
+            try:
+                group.restart()
+                break
+            except Exception:
+                log.exception("sequence parallel: the group did not restart; trying again in %g s", delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(60.0, 2 * delay)
         self.on_group_restart()
         self.ready.set()
 

@@ -118,3 +118,41 @@ def test_settings_sp_cannot_run_stop_the_server_before_loading(tmp_path, overrid
 
     with pytest.raises(ValueError, match=message):
         build_services(make_settings(tmp_path, **overrides))
+
+
+def test_a_group_that_cannot_restart_is_tried_again_until_it_does(tmp_path):
+    """The ranks' checkpoint is unreadable when rank 1 dies (a volume remounting, say): the restart fails, the server
+    stays not ready and tries again after 1 s, 2 s ...; once the files are back the group comes up."""
+    import shutil
+    import threading
+
+    from aptserve.engines.group import ParallelGroup, RankSpec
+    from aptserve.engines.pipeline import Pipeline
+    from aptserve.server.scheduler import Scheduler
+    from aptserve.server.worker import EngineWorker
+
+    model = tmp_path / "model"
+    shutil.copytree("models/shapes-apt-tiny", model)
+    pipeline = Pipeline.from_name(str(model))
+    group = ParallelGroup(RankSpec(str(model), threads=1), 2, timeout_s=60)
+    group.attach(pipeline)
+    restarted = []
+    worker = EngineWorker(lambda: pipeline, Scheduler(4, 1, 0.0), (), on_group_restart=lambda: restarted.append(1))
+    worker.pipeline = pipeline
+    worker.ready.set()
+    try:
+        os.kill(group.pids()[0], signal.SIGKILL)
+        wait_for(lambda: not group.healthy(), timeout=10)
+        model.rename(tmp_path / "away")
+        restarting = threading.Thread(target=worker._restart_group)
+        restarting.start()
+        wait_for(lambda: "failed while loading" in (group.failure or ""), timeout=60)  # the first try failed
+        assert group.restarts == 1 and not worker.ready.is_set()
+        (tmp_path / "away").rename(model)
+        restarting.join(60)
+        assert worker.ready.is_set() and group.healthy() and group.restarts == 2 and restarted == [1]
+        request = pipeline.request("a red circle moving left", 0, "64x64", 0.5)
+        assert pipeline.generate_video(request)[0].shape == (1, 13, 64, 64, 3)
+    finally:
+        worker._stopping.set()
+        group.close()

@@ -107,12 +107,19 @@ def drop_connections(database_url: str, application_name: str | None = None) -> 
         ).fetchone()[0]
 
 
+def own_database(database_url: str, name: str) -> str:
+    """A database of its own on the same server: jobs left in the shared one would be run by the replicas below."""
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return database_url.rsplit("/", 1)[0] + "/" + name
+
+
 def test_a_lost_connection_fails_one_operation_and_the_next_reconnects(database_url, tmp_path):
-    name = "aptserve-lost-connection"
-    with PgJobStore(f"{database_url}?application_name={name}", tmp_path) as store:
+    name, url = "aptserve-lost-connection", own_database(database_url, "aptserve_lost")
+    with PgJobStore(f"{url}?application_name={name}", tmp_path) as store:
         made = store.create(job())
         for operation in (lambda: store.get(made.id), lambda: store.claim(1, max_attempts=3)):  # a read, a write
-            assert drop_connections(database_url, name) == 1
+            assert drop_connections(url, name) == 1
             with pytest.raises(DatabaseUnavailable):
                 operation()
             operation()
@@ -125,9 +132,7 @@ def test_a_full_shared_queue_is_a_429_and_stores_nothing(database_url, tmp_path)
     from aptserve.server.app import create_app
     from tests.server.conftest import make_settings
 
-    with psycopg.connect(database_url, autocommit=True) as admin:
-        admin.execute("CREATE DATABASE aptserve_bound")
-    url = database_url.rsplit("/", 1)[0] + "/aptserve_bound"
+    url = own_database(database_url, "aptserve_bound")
     app = create_app(make_settings(tmp_path, database_url=url, max_shared_queue=2))  # no lifespan: nobody claims
     client = TestClient(app)
     assert [client.post("/v1/videos", json=CLIP).status_code for _ in range(2)] == [200, 200]

@@ -160,6 +160,8 @@ def test_a_request_behind_a_timed_out_one_is_not_charged_its_time(server):
 class PolledPipeline:
     """Stands in for the pipeline: polls `cancelled` four times as if between generator blocks, then one chunk."""
 
+    group = None  # one process: no sequence-parallel ranks
+
     def __init__(self, on_poll):
         self.on_poll = on_poll
 

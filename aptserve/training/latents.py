@@ -18,6 +18,7 @@ from aptserve.engines.vae import CausalVAE, LatentNormalisation, VAEConfig, norm
 from aptserve.training.common import autocast
 from aptserve.training.data import COLOURS, MOTIONS, SHAPES, ShapesDataset, named_attributes, shorter_captions
 
+ATTRIBUTES = ("colour", "shape", "motion")  # what a clip can contradict in a caption, in caption_slots order
 log = logging.getLogger("aptserve.training.latents")
 
 
@@ -58,29 +59,42 @@ class LatentSet:
         return self.latents[indices].float(), self.text_tokens[ids].float(), self.text_mask[ids]
 
     def mismatched(
-        self, indices: torch.Tensor, slots: torch.Tensor, shorter: float = 0.0
+        self,
+        indices: torch.Tensor,
+        slots: torch.Tensor,
+        shorter: float = 0.0,
+        differ: tuple[str, ...] = ATTRIBUTES,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(text, mask) of a caption that contradicts each of these samples: another sample's caption (shortened as
-        `batch` shortens) naming a different colour, shape or motion, the negatives of a matching-aware
-        discriminator (GAN-CLS). The attributes come from the captions' words, so a shorter caption contradicts a
-        clip exactly when its full caption does. `slots` is `caption_slots()`, computed once by the caller."""
-        own = slots[self.caption_ids[indices]]
-        other = torch.randint(len(self), (len(indices),))
-        for _ in range(64):  # two random samples agree on all three in 1 case of 144: a few redraws suffice
-            same = (slots[self.caption_ids[other]] == own).all(dim=1)
-            if not same.any():
-                break
-            other[same] = torch.randint(len(self), (int(same.sum()),))
-        else:
-            raise ValueError("cannot find contradicting captions: the set names too few colours, shapes and motions")
+        `batch` shortens) naming a different value of at least one attribute in `differ` (of "colour", "shape",
+        "motion") and the clip's own value of every other one, the negatives of a matching-aware discriminator
+        (GAN-CLS). `differ=("shape",)` gives hard negatives: the same colour and motion with another shape, which D
+        can only reject by reading the shape. The attributes come from the captions' words, so a shorter caption
+        contradicts a clip exactly when its full caption does. `slots` is `caption_slots()`, computed once by the
+        caller."""
+        vary = torch.tensor([a in differ for a in ATTRIBUTES])
+        if not vary.any() or not set(differ) <= set(ATTRIBUTES):
+            raise ValueError(f"differ must name some of {ATTRIBUTES}; got {differ}")
+        every = slots[self.caption_ids]  # (N, 3)
+        own = every[indices]  # (B, 3)
+        same = every.unsqueeze(0) == own.unsqueeze(1)  # (B, N, 3)
+        allowed = (same[..., ~vary].all(dim=-1) & ~same[..., vary].all(dim=-1)).float()
+        missing = allowed.sum(dim=1) == 0
+        if missing.any():
+            clip = int(indices[missing.nonzero()[0, 0]])
+            raise ValueError(
+                f"no caption contradicts clip {clip} ({self.captions[int(self.caption_ids[clip])]!r}) "
+                f"in {', '.join(differ)} alone: the set names too few values"
+            )
+        other = torch.multinomial(allowed, 1).squeeze(1)
         _, text, mask = self.batch(other, shorter)
         return text, mask
 
     def caption_slots(self) -> torch.Tensor:
         """(U, 3) per caption row: the index of the colour, shape and motion it names (-1 where none)."""
-        vocab = {"colour": list(COLOURS), "shape": list(SHAPES), "motion": list(MOTIONS)}
+        vocab = dict(zip(ATTRIBUTES, (COLOURS, SHAPES, MOTIONS), strict=True))
         named = [named_attributes(c) for c in self.captions]
-        rows = [[vocab[k].index(n[k]) if k in n else -1 for k in vocab] for n in named]
+        rows = [[list(vocab[k]).index(n[k]) if k in n else -1 for k in vocab] for n in named]
         return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
 
     def with_shorter_captions(self, encoder: TextEncoder) -> LatentSet:

@@ -33,7 +33,7 @@ from aptserve.training.discriminator import (
     perturbation_std,
     sample_d_timesteps,
 )
-from aptserve.training.latents import LatentSet, check_text_fits, ensure_shorter_captions
+from aptserve.training.latents import ATTRIBUTES, LatentSet, check_text_fits, ensure_shorter_captions
 
 log = logging.getLogger("aptserve.training.apt")
 OPTIMIZERS = ("adam", "rmsprop")
@@ -67,6 +67,9 @@ class APTStageConfig:
     # this against the fakes' term; 0 leaves them out. Without them D may judge realism alone, and G's caption
     # adherence gets no signal from D at all.
     mismatch_weight: float = 0.0
+    # The attributes a negative's caption contradicts (at least one of them; it agrees on the others): all three, or
+    # ("shape",) for hard negatives that D can reject only by reading the shape.
+    mismatch_differ: tuple[str, ...] = ATTRIBUTES
     shorter_captions: float = 0.0  # fraction of samples with a shorter caption of their clip (G and D alike)
     export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     seed: int = 0
@@ -88,6 +91,8 @@ class APTStageConfig:
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad:
             raise ValueError(f"APTStageConfig values must be positive; got {bad}")
+        if not self.mismatch_differ or not set(self.mismatch_differ) <= set(ATTRIBUTES):
+            raise ValueError(f"mismatch_differ must name some of {ATTRIBUTES}; got {self.mismatch_differ}")
         if not 0.0 <= self.rmsprop_alpha < 1.0 or self.r1_lambda < 0 or self.mismatch_weight < 0:
             raise ValueError(
                 "need 0 <= rmsprop_alpha < 1, r1_lambda >= 0 and mismatch_weight >= 0; "
@@ -245,7 +250,7 @@ def d_micro_step(
     wrong = None
     if cfg.mismatch_weight > 0:
         wrong_text, wrong_mask = data.mismatched(
-            indices, data.caption_slots() if slots is None else slots, cfg.shorter_captions
+            indices, data.caption_slots() if slots is None else slots, cfg.shorter_captions, cfg.mismatch_differ
         )
         wrong = wrong_text.to(cfg.device), wrong_mask.to(cfg.device)
     return d_losses(parts.disc, real, fake, text, mask, t, torch.randn_like(real), eps_fake, cfg, wrong)

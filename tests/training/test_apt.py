@@ -225,6 +225,10 @@ def test_bad_config_values_raise():
         APTStageConfig(optimizer="sgd")
     with pytest.raises(ValueError, match="lr_schedule"):
         APTStageConfig(lr_schedule="cosine")
+    with pytest.raises(ValueError, match="mismatch_differ"):
+        APTStageConfig(mismatch_differ=("size",))
+    with pytest.raises(ValueError, match="mismatch_differ"):
+        APTStageConfig(mismatch_differ=())
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
@@ -281,10 +285,11 @@ def test_mismatched_captions_contradict_their_clips():
     """A matching-aware D's negatives: every borrowed caption names another colour, shape or motion than the clip's
     own caption, also after shortening (the short forms keep those three)."""
     captions = ["", "a red circle moving left", "a red circle moving left slowly", "a blue circle moving left"]
-    captions += ["a red square moving up", "a red circle moving right"]
+    captions += ["a red square moving up", "a red circle moving right", "a red square moving left"]
+    captions += ["a blue triangle moving left"]
     data = dataclasses.replace(
         tiny_latents(12),
-        caption_ids=torch.tensor([1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 1, 3]),
+        caption_ids=torch.tensor([1, 2, 3, 4, 5, 6, 7, 1, 2, 3, 4, 5]),
         captions=captions,
         text_tokens=torch.randn(len(captions), TEXT_LEN, TEXT_DIM).half(),
         text_mask=torch.ones(len(captions), TEXT_LEN, dtype=torch.bool),
@@ -298,6 +303,16 @@ def test_mismatched_captions_contradict_their_clips():
         rows = [next(i for i in range(len(captions)) if torch.equal(data.text_tokens[i].float(), t)) for t in text]
         own = slots[data.caption_ids[indices]]
         assert ((slots[rows] != own).any(dim=1)).all()
+    for _ in range(20):  # hard negatives: the same colour and motion, another shape
+        indices = torch.tensor([0, 1, 2, 5, 6, 7, 8, 9])  # the clips another clip contradicts in shape alone
+        text, _ = data.mismatched(indices, slots, differ=("shape",))
+        rows = [next(i for i in range(len(captions)) if torch.equal(data.text_tokens[i].float(), t)) for t in text]
+        own = slots[data.caption_ids[indices]]
+        assert (slots[rows][:, 1] != own[:, 1]).all() and (slots[rows][:, [0, 2]] == own[:, [0, 2]]).all()
+    with pytest.raises(ValueError, match="no caption contradicts clip 3 .* in shape alone"):
+        data.mismatched(torch.tensor([3]), slots, differ=("shape",))  # no other red clip moves up
+    with pytest.raises(ValueError, match="differ must name"):
+        data.mismatched(torch.tensor([0]), slots, differ=("size",))
         assert not set(rows) & {0}
 
 

@@ -16,7 +16,15 @@ from aptserve.engines.loading import load_text_encoder
 from aptserve.engines.text import TextEncoder, TextEncoderConfig
 from aptserve.engines.vae import CausalVAE, LatentNormalisation, VAEConfig, normalisation_tensors
 from aptserve.training.common import autocast
-from aptserve.training.data import COLOURS, MOTIONS, SHAPES, ShapesDataset, named_attributes, shorter_captions
+from aptserve.training.data import (
+    COLOURS,
+    MOTIONS,
+    SHAPES,
+    ShapesDataset,
+    caption_of,
+    named_attributes,
+    shorter_captions,
+)
 
 ATTRIBUTES = ("colour", "shape", "motion")  # what a clip can contradict in a caption, in caption_slots order
 log = logging.getLogger("aptserve.training.latents")
@@ -39,6 +47,10 @@ class LatentSet:
     # shorter captions (the empty prompt, the shorter captions themselves) list their own row. None until
     # `with_shorter_captions` adds them.
     shorter_ids: torch.Tensor | None = None
+    # (U, 3, 6): for each caption row, attribute (ATTRIBUTES order) and value index, the row of the same caption with
+    # that attribute alone changed to that value; -1 for its own value, for an attribute it does not name and for the
+    # swapped captions themselves. None until `with_swapped_captions` adds them.
+    swapped_ids: torch.Tensor | None = None
 
     @property
     def normalisation(self) -> LatentNormalisation:
@@ -47,16 +59,43 @@ class LatentSet:
     def __len__(self) -> int:
         return self.latents.shape[0]
 
-    def batch(self, indices: torch.Tensor, shorter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x0, text, mask) for these sample indices, in float32; a fraction `shorter` of the samples is captioned
-        by one of its shorter captions, drawn uniformly."""
+    def caption_rows(self, indices: torch.Tensor, shorter: float = 0.0) -> torch.Tensor:
+        """The caption row of each of these samples; a fraction `shorter` of them gets one of its shorter captions,
+        drawn uniformly."""
         ids = self.caption_ids[indices]
         if shorter > 0:
             if self.shorter_ids is None:
                 raise ValueError("this latent set has no shorter captions; add them with with_shorter_captions")
             pick = torch.rand(len(ids)) < shorter
             ids = torch.where(pick, self.shorter_ids[ids, torch.randint(self.shorter_ids.shape[1], (len(ids),))], ids)
+        return ids
+
+    def batch(
+        self, indices: torch.Tensor, shorter: float = 0.0, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, text, mask) for these sample indices, in float32, captioned by `rows` (by `caption_rows` when
+        None)."""
+        ids = self.caption_rows(indices, shorter) if rows is None else rows
         return self.latents[indices].float(), self.text_tokens[ids].float(), self.text_mask[ids]
+
+    def swapped(self, rows: torch.Tensor, differ: tuple[str, ...] = ATTRIBUTES) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text, mask) of each caption row with one attribute of `differ`, and nothing else, changed to another
+        value (attribute and value drawn uniformly among those the row names): the hardest negatives of a
+        matching-aware discriminator, which can reject "a red square moving left" for a red circle moving left only
+        by reading the shape. Needs `with_swapped_captions`."""
+        if self.swapped_ids is None:
+            raise ValueError("this latent set has no swapped captions; add them with with_swapped_captions")
+        vary = torch.tensor([a in differ for a in ATTRIBUTES])
+        if not vary.any() or not set(differ) <= set(ATTRIBUTES):
+            raise ValueError(f"differ must name some of {ATTRIBUTES}; got {differ}")
+        choices = self.swapped_ids[rows] * vary[None, :, None]  # (B, 3, 6), rows of attributes not in differ -> 0
+        allowed = (choices > 0).flatten(1).float()  # row 0 is the empty prompt, never a swap
+        missing = allowed.sum(dim=1) == 0
+        if missing.any():
+            row = int(rows[missing.nonzero()[0, 0]])
+            raise ValueError(f"caption {self.captions[row]!r} has no swap in {', '.join(differ)}")
+        other = choices.flatten(1).gather(1, torch.multinomial(allowed, 1)).squeeze(1)
+        return self.text_tokens[other].float(), self.text_mask[other]
 
     def mismatched(
         self,
@@ -102,6 +141,8 @@ class LatentSet:
         in `shorter_ids`; a set that has them already is returned as is."""
         if self.shorter_ids is not None:
             return self
+        if self.swapped_ids is not None:
+            raise ValueError("add shorter captions before swapped ones, so that the shorter ones are swapped too")
         captions = list(self.captions)
         row = {c: i for i, c in enumerate(captions)}
         shorter = {c: shorter_captions(c) for c in self.captions if c}
@@ -118,6 +159,41 @@ class LatentSet:
         log.info("encoded %d shorter captions of %d captions", len(new), len(shorter))
         fields = {**self.__dict__, "captions": captions, "shorter_ids": ids}
         fields |= {"text_tokens": torch.cat([self.text_tokens, tokens]), "text_mask": torch.cat([self.text_mask, mask])}
+        return LatentSet(**fields)
+
+    def with_swapped_captions(self, encoder: TextEncoder) -> LatentSet:
+        """The same set with `swapped_ids`: every caption row's one-attribute swaps (colour, shape or motion changed,
+        the rest of the caption as written), the ones not in the set already encoded and appended. Add shorter
+        captions first, so that theirs are swapped too; a set that has swaps already is returned as is."""
+        if self.swapped_ids is not None:
+            return self
+        vocab = dict(zip(ATTRIBUTES, (tuple(COLOURS), SHAPES, MOTIONS), strict=True))
+        width = max(len(v) for v in vocab.values())
+        captions = list(self.captions)
+        row = {c: i for i, c in enumerate(captions)}
+        wanted: dict[tuple[int, int, int], str] = {}
+        for i, caption in enumerate(self.captions):
+            named = named_attributes(caption)
+            if not caption or not set(ATTRIBUTES) <= named.keys() or caption_of(**named) != caption:
+                continue  # the empty prompt, or a caption outside the grammar: no swaps
+            for a, name in enumerate(ATTRIBUTES):
+                for v, value in enumerate(vocab[name]):
+                    if value != named[name]:
+                        wanted[i, a, v] = caption_of(**{**named, name: value})
+        new = sorted(set(wanted.values()) - set(row))
+        for caption in new:
+            row[caption] = len(captions)
+            captions.append(caption)
+        ids = torch.full((len(captions), len(ATTRIBUTES), width), -1, dtype=torch.long)
+        for (i, a, v), caption in wanted.items():
+            ids[i, a, v] = row[caption]
+        tokens, mask = encode_captions(encoder, new) if new else (self.text_tokens[:0], self.text_mask[:0])
+        log.info("encoded %d swapped captions of %d captions", len(new), len(self.captions))
+        fields = {**self.__dict__, "captions": captions, "swapped_ids": ids}
+        fields |= {"text_tokens": torch.cat([self.text_tokens, tokens]), "text_mask": torch.cat([self.text_mask, mask])}
+        if self.shorter_ids is not None:  # the new rows have no shorter captions: they list their own row
+            own = torch.arange(len(self.captions), len(captions)).unsqueeze(1).expand(-1, self.shorter_ids.shape[1])
+            fields["shorter_ids"] = torch.cat([self.shorter_ids, own])
         return LatentSet(**fields)
 
     def empty_text(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +287,15 @@ def renormalise(x: torch.Tensor, old: LatentNormalisation, new: LatentNormalisat
 
 
 @torch.no_grad()
+def ensure_swapped_captions(latents: LatentSet, path: str | Path, text: TextEncoderConfig) -> LatentSet:
+    """`latents` (as loaded from `path`) with its swapped captions, encoded with `text` once and saved back."""
+    if latents.swapped_ids is not None:
+        return latents
+    latents = latents.with_swapped_captions(load_text_encoder(text))
+    latents.save(path)
+    return latents
+
+
 def encode_captions(encoder: TextEncoder, captions: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, masks = [], []
     for i in range(0, len(captions), batch):

@@ -33,11 +33,18 @@ from aptserve.training.discriminator import (
     perturbation_std,
     sample_d_timesteps,
 )
-from aptserve.training.latents import ATTRIBUTES, LatentSet, check_text_fits, ensure_shorter_captions
+from aptserve.training.latents import (
+    ATTRIBUTES,
+    LatentSet,
+    check_text_fits,
+    ensure_shorter_captions,
+    ensure_swapped_captions,
+)
 
 log = logging.getLogger("aptserve.training.apt")
 OPTIMIZERS = ("adam", "rmsprop")
 LR_SCHEDULES = ("constant", "linear")
+MISMATCH_CAPTIONS = ("borrowed", "swapped")
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,10 @@ class APTStageConfig:
     # The attributes a negative's caption contradicts (at least one of them; it agrees on the others): all three, or
     # ("shape",) for hard negatives that D can reject only by reading the shape.
     mismatch_differ: tuple[str, ...] = ATTRIBUTES
+    # Where a negative's caption comes from. "borrowed": another clip's caption that contradicts this clip in
+    # mismatch_differ; it also names that clip's own size, speed and background, which D can reject it by alone.
+    # "swapped": this clip's own caption with one attribute of mismatch_differ changed and nothing else.
+    mismatch_captions: str = "borrowed"
     shorter_captions: float = 0.0  # fraction of samples with a shorter caption of their clip (G and D alike)
     export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     seed: int = 0
@@ -91,6 +102,8 @@ class APTStageConfig:
         bad = {k: v for k, v in positive.items() if not v > 0}
         if bad:
             raise ValueError(f"APTStageConfig values must be positive; got {bad}")
+        if self.mismatch_captions not in MISMATCH_CAPTIONS:
+            raise ValueError(f"unknown mismatch_captions {self.mismatch_captions!r}; choose one of {MISMATCH_CAPTIONS}")
         if not self.mismatch_differ or not set(self.mismatch_differ) <= set(ATTRIBUTES):
             raise ValueError(f"mismatch_differ must name some of {ATTRIBUTES}; got {self.mismatch_differ}")
         if not 0.0 <= self.rmsprop_alpha < 1.0 or self.r1_lambda < 0 or self.mismatch_weight < 0:
@@ -167,11 +180,11 @@ def generate(
 
 
 def sample_batch(
-    data: LatentSet, cfg: APTStageConfig, indices: torch.Tensor | None = None
+    data: LatentSet, cfg: APTStageConfig, indices: torch.Tensor | None = None, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if indices is None:
         indices = torch.randint(len(data), (cfg.batch_size,))
-    x, text, mask = data.batch(indices, cfg.shorter_captions)
+    x, text, mask = data.batch(indices, cfg.shorter_captions, rows)
     return x.to(cfg.device), text.to(cfg.device), mask.to(cfg.device)
 
 
@@ -242,13 +255,17 @@ def d_micro_step(
     parts: APTParts, data: LatentSet, cfg: APTStageConfig, slots: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     indices = torch.randint(len(data), (cfg.batch_size,))
-    real, text, mask = sample_batch(data, cfg, indices)
+    rows = data.caption_rows(indices, cfg.shorter_captions)
+    real, text, mask = sample_batch(data, cfg, indices, rows)
     with torch.no_grad():
         fake = generate(parts.generator, torch.randn_like(real), text, mask)
     t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
     eps_fake = torch.randn_like(fake) if cfg.loss == "relativistic" else None
     wrong = None
-    if cfg.mismatch_weight > 0:
+    if cfg.mismatch_weight > 0 and cfg.mismatch_captions == "swapped":
+        wrong_text, wrong_mask = data.swapped(rows, cfg.mismatch_differ)
+        wrong = wrong_text.to(cfg.device), wrong_mask.to(cfg.device)
+    elif cfg.mismatch_weight > 0:
         wrong_text, wrong_mask = data.mismatched(
             indices, data.caption_slots() if slots is None else slots, cfg.shorter_captions, cfg.mismatch_differ
         )
@@ -303,6 +320,8 @@ def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, Causal
     data = LatentSet.load(cfg.latents)
     if cfg.shorter_captions > 0:
         data = ensure_shorter_captions(data, cfg.latents, teacher_config.text)
+    if cfg.mismatch_weight > 0 and cfg.mismatch_captions == "swapped":
+        data = ensure_swapped_captions(data, cfg.latents, teacher_config.text)
     for where, model_config in ((cfg.teacher, teacher_config), (cfg.generator, student_config)):
         check_text_fits(data, model_config, where)
     data = data.normalised_as(teacher_config.vae)
@@ -341,7 +360,7 @@ def train_apt(cfg: APTStageConfig, progress: bool = True) -> Path:
         run, cfg.steps, get_state, parts.load_state_dict, cfg.checkpoint_every, cfg.log_every, progress, "train apt"
     )
     trainer.resume()
-    slots = data.caption_slots() if cfg.mismatch_weight > 0 else None
+    slots = data.caption_slots() if cfg.mismatch_weight > 0 and cfg.mismatch_captions == "borrowed" else None
 
     def step(i: int) -> dict[str, float]:
         set_learning_rates(parts, i, cfg)

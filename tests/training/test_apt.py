@@ -309,14 +309,14 @@ def test_mismatched_captions_contradict_their_clips():
         rows = [next(i for i in range(len(captions)) if torch.equal(data.text_tokens[i].float(), t)) for t in text]
         own = slots[data.caption_ids[indices]]
         assert (slots[rows][:, 1] != own[:, 1]).all() and (slots[rows][:, [0, 2]] == own[:, [0, 2]]).all()
-    with pytest.raises(ValueError, match="no caption contradicts clip 3 .* in shape alone"):
+    with pytest.raises(ValueError, match=r"no caption contradicts clip 3 .* in shape alone"):
         data.mismatched(torch.tensor([3]), slots, differ=("shape",))  # no other red clip moves up
     with pytest.raises(ValueError, match="differ must name"):
         data.mismatched(torch.tensor([0]), slots, differ=("size",))
         assert not set(rows) & {0}
 
 
-def test_matching_aware_d_rates_real_clips_under_wrong_captions_as_fakes(parts, cfg):
+def test_matching_aware_d_rates_real_clips_under_wrong_captions_as_fakes(parts, cfg, monkeypatch):
     cfg = dataclasses.replace(cfg, mismatch_weight=0.5)
     data = tiny_latents()
     x, text, mask = real_batch(data)
@@ -331,3 +331,14 @@ def test_matching_aware_d_rates_real_clips_under_wrong_captions_as_fakes(parts, 
     torch.testing.assert_close(losses["d_loss"], plain["d_loss"], rtol=1e-4, atol=1e-6)  # the same real and fake logits
     logged = d_step(parts, data, cfg)
     assert {"d_mismatch", "mismatch"} <= set(logged)
+    # swapped negatives: each row's caption with one attribute changed (here rows 1 and 2 swap to each other)
+    swaps = torch.full((3, 3, 6), -1, dtype=torch.long)
+    swaps[1, 1, 1], swaps[2, 1, 0] = 2, 1
+    swapping = dataclasses.replace(data, swapped_ids=swaps)
+    calls = []
+    original = LatentSet.swapped
+    monkeypatch.setattr(LatentSet, "swapped", lambda self, *a: calls.append(a) or original(self, *a))
+    logged = d_step(parts, swapping, dataclasses.replace(cfg, mismatch_captions="swapped", mismatch_differ=("shape",)))
+    assert {"d_mismatch", "mismatch"} <= set(logged) and calls and calls[0][1] == ("shape",)
+    with pytest.raises(ValueError, match="mismatch_captions"):
+        dataclasses.replace(cfg, mismatch_captions="random")

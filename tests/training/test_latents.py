@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aptserve.engines.vae import VAEConfig
-from aptserve.training.data import ShapeSpec, shorter_captions
+from aptserve.training.data import COLOURS, MOTIONS, SHAPES, ShapeSpec, named_attributes, shorter_captions
 from aptserve.training.latents import LatentSet, renormalise
 from aptserve.training.stage_diffusion import latent_normalisation
 
@@ -134,3 +134,51 @@ def test_shorter_captions_are_encoded_indexed_and_drawn(minilm):
     assert torch.equal(text, more.text_tokens[more.caption_ids].float())
     with pytest.raises(ValueError, match="no shorter captions"):
         data.batch(torch.arange(2), shorter=0.5)
+
+
+def test_swapped_captions_change_one_attribute_and_nothing_else(minilm):
+    """The hard negatives of a matching-aware D: each caption row (full and shorter) with exactly one of colour,
+    shape or motion changed, encoded as any caption is; `swapped` draws only the attributes it is asked to."""
+    full = [ShapeSpec("red", "circle", "left", "black", "large", "slowly").caption]
+    data = dataclasses.replace(
+        latent_set(SCALE, OFFSET),
+        caption_ids=torch.ones(8, dtype=torch.long),
+        captions=["", *full],
+        text_tokens=torch.cat([torch.zeros(1, 32, 384), minilm.encode(full)[0]]).half(),
+        text_mask=torch.cat([torch.zeros(1, 32, dtype=torch.bool), minilm.encode(full)[1]]),
+    ).with_shorter_captions(minilm)
+    with pytest.raises(ValueError, match="no swapped captions"):
+        data.swapped(torch.tensor([1]))
+    more = data.with_swapped_captions(minilm)
+    assert more.with_swapped_captions(minilm) is more
+    with pytest.raises(ValueError, match="before swapped"):
+        dataclasses.replace(more, shorter_ids=None).with_shorter_captions(minilm)
+    values = (tuple(COLOURS), SHAPES, MOTIONS)
+    for row in range(1, len(data.captions)):  # the full caption and its 7 shorter ones
+        own = named_attributes(data.captions[row])
+        for a, name in enumerate(("colour", "shape", "motion")):
+            for v, value in enumerate(values[a]):
+                swap = int(more.swapped_ids[row, a, v])
+                if value == own[name]:
+                    assert swap == -1
+                    continue
+                assert named_attributes(more.captions[swap]) == {**own, name: value}
+                if name != "motion":  # "growing" replaces "moving left" as a phrase
+                    assert more.captions[swap].replace(value, own[name]) == data.captions[row]
+                torch.testing.assert_close(
+                    more.text_tokens[swap].float(), minilm.encode([more.captions[swap]])[0][0].half().float()
+                )
+    assert (more.swapped_ids[0] == -1).all() and (more.swapped_ids[len(data.captions) :] == -1).all()
+    assert more.shorter_ids.shape[0] == len(more.captions)  # swapped rows list themselves as their shorter captions
+    torch.manual_seed(0)
+    rows = more.caption_rows(torch.arange(8).repeat(4), shorter=0.5)
+    text, _ = more.swapped(rows, ("shape",))
+    for row, t in zip(rows.tolist(), text):
+        match = [i for i in range(len(more.captions)) if torch.equal(more.text_tokens[i].float(), t)]
+        named = named_attributes(more.captions[match[0]])
+        own = named_attributes(more.captions[row])
+        assert named["shape"] != own["shape"] and {**named, "shape": own["shape"]} == own
+    with pytest.raises(ValueError, match="differ must name"):
+        more.swapped(rows, ("size",))
+    with pytest.raises(ValueError, match="has no swap"):
+        more.swapped(torch.tensor([0]))  # the empty prompt names nothing to swap

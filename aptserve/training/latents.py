@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,9 +272,24 @@ def check_text_fits(latents: LatentSet, config: ModelConfig, where: str) -> None
 
 def ensure_shorter_captions(latents: LatentSet, path: str | Path, text: TextEncoderConfig) -> LatentSet:
     """`latents` (as loaded from `path`) with its shorter captions, encoded with `text` once and saved back."""
-    if latents.shorter_ids is not None:
+    return _added_once(latents, path, text, latents.shorter_ids, LatentSet.with_shorter_captions)
+
+
+def ensure_swapped_captions(latents: LatentSet, path: str | Path, text: TextEncoderConfig) -> LatentSet:
+    """`latents` (as loaded from `path`) with its swapped captions, encoded with `text` once and saved back."""
+    return _added_once(latents, path, text, latents.swapped_ids, LatentSet.with_swapped_captions)
+
+
+def _added_once(
+    latents: LatentSet,
+    path: str | Path,
+    text: TextEncoderConfig,
+    present: torch.Tensor | None,
+    add: Callable[[LatentSet, TextEncoder], LatentSet],
+) -> LatentSet:
+    if present is not None:
         return latents
-    latents = latents.with_shorter_captions(load_text_encoder(text))
+    latents = add(latents, load_text_encoder(text))
     latents.save(path)
     return latents
 
@@ -287,15 +303,6 @@ def renormalise(x: torch.Tensor, old: LatentNormalisation, new: LatentNormalisat
 
 
 @torch.no_grad()
-def ensure_swapped_captions(latents: LatentSet, path: str | Path, text: TextEncoderConfig) -> LatentSet:
-    """`latents` (as loaded from `path`) with its swapped captions, encoded with `text` once and saved back."""
-    if latents.swapped_ids is not None:
-        return latents
-    latents = latents.with_swapped_captions(load_text_encoder(text))
-    latents.save(path)
-    return latents
-
-
 def encode_captions(encoder: TextEncoder, captions: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, masks = [], []
     for i in range(0, len(captions), batch):

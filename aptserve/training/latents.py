@@ -31,6 +31,13 @@ ATTRIBUTES = ("colour", "shape", "motion")  # what a clip can contradict in a ca
 log = logging.getLogger("aptserve.training.latents")
 
 
+def attribute_mask(differ: tuple[str, ...]) -> torch.Tensor:
+    """(3,) bool: which of ATTRIBUTES a negative's caption may contradict; `differ` must name some of them."""
+    if not differ or not set(differ) <= set(ATTRIBUTES):
+        raise ValueError(f"differ must name some of {ATTRIBUTES}; got {differ}")
+    return torch.tensor([a in differ for a in ATTRIBUTES])
+
+
 @dataclass
 class LatentSet:
     latents: torch.Tensor  # (N, C, F, h, w) normalised VAE latents, float16 on disk
@@ -86,9 +93,7 @@ class LatentSet:
         by reading the shape. Needs `with_swapped_captions`."""
         if self.swapped_ids is None:
             raise ValueError("this latent set has no swapped captions; add them with with_swapped_captions")
-        vary = torch.tensor([a in differ for a in ATTRIBUTES])
-        if not vary.any() or not set(differ) <= set(ATTRIBUTES):
-            raise ValueError(f"differ must name some of {ATTRIBUTES}; got {differ}")
+        vary = attribute_mask(differ)
         choices = self.swapped_ids[rows] * vary[None, :, None]  # (B, 3, 6), rows of attributes not in differ -> 0
         allowed = (choices > 0).flatten(1).float()  # row 0 is the empty prompt, never a swap
         missing = allowed.sum(dim=1) == 0
@@ -112,9 +117,7 @@ class LatentSet:
         can only reject by reading the shape. The attributes come from the captions' words, so a shorter caption
         contradicts a clip exactly when its full caption does. `slots` is `caption_slots()`, computed once by the
         caller."""
-        vary = torch.tensor([a in differ for a in ATTRIBUTES])
-        if not vary.any() or not set(differ) <= set(ATTRIBUTES):
-            raise ValueError(f"differ must name some of {ATTRIBUTES}; got {differ}")
+        vary = attribute_mask(differ)
         every = slots[self.caption_ids]  # (N, 3)
         own = every[indices]  # (B, 3)
         same = every.unsqueeze(0) == own.unsqueeze(1)  # (B, N, 3)

@@ -36,6 +36,7 @@ from aptserve.training.discriminator import (
 from aptserve.training.latents import (
     ATTRIBUTES,
     LatentSet,
+    attribute_mask,
     check_text_fits,
     ensure_shorter_captions,
     ensure_swapped_captions,
@@ -104,8 +105,10 @@ class APTStageConfig:
             raise ValueError(f"APTStageConfig values must be positive; got {bad}")
         if self.mismatch_captions not in MISMATCH_CAPTIONS:
             raise ValueError(f"unknown mismatch_captions {self.mismatch_captions!r}; choose one of {MISMATCH_CAPTIONS}")
-        if not self.mismatch_differ or not set(self.mismatch_differ) <= set(ATTRIBUTES):
-            raise ValueError(f"mismatch_differ must name some of {ATTRIBUTES}; got {self.mismatch_differ}")
+        try:
+            attribute_mask(self.mismatch_differ)
+        except ValueError as exc:
+            raise ValueError(f"mismatch_differ: {exc}") from None
         if not 0.0 <= self.rmsprop_alpha < 1.0 or self.r1_lambda < 0 or self.mismatch_weight < 0:
             raise ValueError(
                 "need 0 <= rmsprop_alpha < 1, r1_lambda >= 0 and mismatch_weight >= 0; "

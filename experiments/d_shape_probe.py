@@ -1,7 +1,7 @@
 """Does an APT run's discriminator read shape, on real clips and on its generator's? For clips of each shape it rates
 every clip under its own short caption ("a red circle moving left") and under the same caption with each other shape,
-and prints, per clip kind and prompted shape, the share of clips whose own caption D rates highest and the shape whose
-caption D prefers on average. If D picks the right shape on real clips but not on generated ones, the generator's
+and prints, per clip kind and prompted shape, the share of clips whose own caption D rates highest and D's mean logit
+under each shape's caption. If D picks the right shape on real clips but not on generated ones, the generator's
 clips carry no shape D can read, and D's gradient is all that could teach it one.
 
     .venv/bin/python experiments/d_shape_probe.py --config configs/apt_open_shapeneg_tiny.json --clips 32

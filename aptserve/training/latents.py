@@ -28,6 +28,7 @@ from aptserve.training.data import (
 )
 
 ATTRIBUTES = ("colour", "shape", "motion")  # what a clip can contradict in a caption, in caption_slots order
+VALUES = {"colour": tuple(COLOURS), "shape": tuple(SHAPES), "motion": tuple(MOTIONS)}  # each attribute's values
 log = logging.getLogger("aptserve.training.latents")
 
 
@@ -135,9 +136,8 @@ class LatentSet:
 
     def caption_slots(self) -> torch.Tensor:
         """(U, 3) per caption row: the index of the colour, shape and motion it names (-1 where none)."""
-        vocab = dict(zip(ATTRIBUTES, (COLOURS, SHAPES, MOTIONS), strict=True))
         named = [named_attributes(c) for c in self.captions]
-        rows = [[list(vocab[k]).index(n[k]) if k in n else -1 for k in vocab] for n in named]
+        rows = [[VALUES[k].index(n[k]) if k in n else -1 for k in ATTRIBUTES] for n in named]
         return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
 
     def with_shorter_captions(self, encoder: TextEncoder) -> LatentSet:
@@ -171,8 +171,7 @@ class LatentSet:
         captions first, so that theirs are swapped too; a set that has swaps already is returned as is."""
         if self.swapped_ids is not None:
             return self
-        vocab = dict(zip(ATTRIBUTES, (tuple(COLOURS), SHAPES, MOTIONS), strict=True))
-        width = max(len(v) for v in vocab.values())
+        width = max(len(v) for v in VALUES.values())
         captions = list(self.captions)
         row = {c: i for i, c in enumerate(captions)}
         wanted: dict[tuple[int, int, int], str] = {}
@@ -181,7 +180,7 @@ class LatentSet:
             if not caption or not set(ATTRIBUTES) <= named.keys() or caption_of(**named) != caption:
                 continue  # the empty prompt, or a caption outside the grammar: no swaps
             for a, name in enumerate(ATTRIBUTES):
-                for v, value in enumerate(vocab[name]):
+                for v, value in enumerate(VALUES[name]):
                     if value != named[name]:
                         wanted[i, a, v] = caption_of(**{**named, name: value})
         new = sorted(set(wanted.values()) - set(row))

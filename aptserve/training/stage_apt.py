@@ -90,6 +90,11 @@ class APTStageConfig:
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     device: str = "cpu"
 
+    @property
+    def negatives(self) -> str | None:
+        """Which mismatched-caption negatives D sees: "borrowed", "swapped", or None without them."""
+        return self.mismatch_captions if self.mismatch_weight > 0 else None
+
     def __post_init__(self) -> None:
         check_loss(self.loss)
         if self.lr_schedule not in LR_SCHEDULES:
@@ -265,10 +270,10 @@ def d_micro_step(
     t = sample_d_timesteps(cfg.batch_size, cfg.d_shift, device=cfg.device)
     eps_fake = torch.randn_like(fake) if cfg.loss == "relativistic" else None
     wrong = None
-    if cfg.mismatch_weight > 0 and cfg.mismatch_captions == "swapped":
+    if cfg.negatives == "swapped":
         wrong_text, wrong_mask = data.swapped(rows, cfg.mismatch_differ)
         wrong = wrong_text.to(cfg.device), wrong_mask.to(cfg.device)
-    elif cfg.mismatch_weight > 0:
+    elif cfg.negatives == "borrowed":
         wrong_text, wrong_mask = data.mismatched(
             indices, data.caption_slots() if slots is None else slots, cfg.shorter_captions, cfg.mismatch_differ
         )
@@ -323,7 +328,7 @@ def build(cfg: APTStageConfig) -> tuple[APTParts, LatentSet, ModelConfig, Causal
     data = LatentSet.load(cfg.latents)
     if cfg.shorter_captions > 0:
         data = ensure_shorter_captions(data, cfg.latents, teacher_config.text)
-    if cfg.mismatch_weight > 0 and cfg.mismatch_captions == "swapped":
+    if cfg.negatives == "swapped":
         data = ensure_swapped_captions(data, cfg.latents, teacher_config.text)
     for where, model_config in ((cfg.teacher, teacher_config), (cfg.generator, student_config)):
         check_text_fits(data, model_config, where)
@@ -363,7 +368,7 @@ def train_apt(cfg: APTStageConfig, progress: bool = True) -> Path:
         run, cfg.steps, get_state, parts.load_state_dict, cfg.checkpoint_every, cfg.log_every, progress, "train apt"
     )
     trainer.resume()
-    slots = data.caption_slots() if cfg.mismatch_weight > 0 and cfg.mismatch_captions == "borrowed" else None
+    slots = data.caption_slots() if cfg.negatives == "borrowed" else None
 
     def step(i: int) -> dict[str, float]:
         set_learning_rates(parts, i, cfg)

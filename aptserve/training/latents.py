@@ -39,6 +39,23 @@ def attribute_mask(differ: tuple[str, ...]) -> torch.Tensor:
     return torch.tensor([a in differ for a in ATTRIBUTES])
 
 
+def swap_partners(pairs: tuple[tuple[str, str], ...]) -> torch.Tensor:
+    """(3, W) long: for each attribute's value index the value index it swaps to alone, -1 where it is in no pair.
+    Each pair names two values of one attribute ("circle", "square"); a value may be in one pair only."""
+    width = max(len(v) for v in VALUES.values())
+    partner = torch.full((len(ATTRIBUTES), width), -1, dtype=torch.long)
+    for pair in pairs:
+        where = [a for a in ATTRIBUTES if len(pair) == 2 and set(pair) <= set(VALUES[a])]
+        if not where or pair[0] == pair[1]:
+            raise ValueError(f"a swap pair must name two values of one of {ATTRIBUTES}; got {pair}")
+        a = ATTRIBUTES.index(where[0])
+        v, w = (VALUES[where[0]].index(x) for x in pair)
+        if partner[a, v] >= 0 or partner[a, w] >= 0:
+            raise ValueError(f"a value may be in one swap pair only; {pair} repeats one")
+        partner[a, v], partner[a, w] = w, v
+    return partner
+
+
 @dataclass
 class LatentSet:
     latents: torch.Tensor  # (N, C, F, h, w) normalised VAE latents, float16 on disk
@@ -87,16 +104,26 @@ class LatentSet:
         ids = self.caption_rows(indices, shorter) if rows is None else rows
         return self.latents[indices].float(), self.text_tokens[ids].float(), self.text_mask[ids]
 
-    def swapped(self, rows: torch.Tensor, differ: tuple[str, ...] = ATTRIBUTES) -> tuple[torch.Tensor, torch.Tensor]:
+    def swapped(
+        self, rows: torch.Tensor, differ: tuple[str, ...] = ATTRIBUTES, pairs: tuple[tuple[str, str], ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(text, mask) of each caption row with one attribute of `differ`, and nothing else, changed to another
         value (attribute and value drawn uniformly among those the row names): the hardest negatives of a
         matching-aware discriminator, which can reject "a red square moving left" for a red circle moving left only
-        by reading the shape. Needs `with_swapped_captions`."""
+        by reading the shape. A value in one of `pairs` swaps to its partner only (("circle", "square"): the two
+        shapes D confuses face each other every time). Needs `with_swapped_captions`."""
         if self.swapped_ids is None:
             raise ValueError("this latent set has no swapped captions; add them with with_swapped_captions")
         vary = attribute_mask(differ)
         choices = self.swapped_ids[rows] * vary[None, :, None]  # (B, 3, 6), rows of attributes not in differ -> 0
-        allowed = (choices > 0).flatten(1).float()  # row 0 is the empty prompt, never a swap
+        allowed = (choices > 0).float()  # row 0 is the empty prompt, never a swap
+        if pairs:
+            own = self.caption_slots(rows)  # (B, 3)
+            partner = swap_partners(pairs).gather(1, own.clamp(min=0).T).T.masked_fill(own < 0, -1)
+            paired = partner >= 0
+            only = torch.nn.functional.one_hot(partner.clamp(min=0), allowed.shape[-1]).float()
+            allowed = torch.where(paired[..., None], allowed * only, allowed)
+        allowed = allowed.flatten(1)
         missing = allowed.sum(dim=1) == 0
         if missing.any():
             row = int(rows[missing.nonzero()[0, 0]])
@@ -134,9 +161,11 @@ class LatentSet:
         _, text, mask = self.batch(other, shorter)
         return text, mask
 
-    def caption_slots(self) -> torch.Tensor:
-        """(U, 3) per caption row: the index of the colour, shape and motion it names (-1 where none)."""
-        named = [named_attributes(c) for c in self.captions]
+    def caption_slots(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(U, 3) per caption row (of `rows`, or every row): the index of the colour, shape and motion it names (-1
+        where none)."""
+        captions = self.captions if rows is None else [self.captions[r] for r in rows.tolist()]
+        named = [named_attributes(c) for c in captions]
         rows = [[VALUES[k].index(n[k]) if k in n else -1 for k in ATTRIBUTES] for n in named]
         return torch.tensor(rows, dtype=torch.long).reshape(-1, 3)
 

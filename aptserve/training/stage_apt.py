@@ -40,6 +40,7 @@ from aptserve.training.latents import (
     check_text_fits,
     ensure_shorter_captions,
     ensure_swapped_captions,
+    swap_partners,
 )
 
 log = logging.getLogger("aptserve.training.apt")
@@ -82,6 +83,9 @@ class APTStageConfig:
     # mismatch_differ; it also names that clip's own size, speed and background, which D can reject it by alone.
     # "swapped": this clip's own caption with one attribute of mismatch_differ changed and nothing else.
     mismatch_captions: str = "borrowed"
+    # With "swapped": pairs of values that swap only to each other, e.g. [["circle", "square"]], so that the values D
+    # confuses are each other's negative every time (the others still swap to any other value).
+    mismatch_pairs: tuple[tuple[str, str], ...] = ()
     shorter_captions: float = 0.0  # fraction of samples with a shorter caption of their clip (G and D alike)
     export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     seed: int = 0
@@ -114,6 +118,13 @@ class APTStageConfig:
             attribute_mask(self.mismatch_differ)
         except ValueError as exc:
             raise ValueError(f"mismatch_differ: {exc}") from None
+        object.__setattr__(self, "mismatch_pairs", tuple(tuple(p) for p in self.mismatch_pairs))  # JSON gives lists
+        if self.mismatch_pairs and self.mismatch_captions != "swapped":
+            raise ValueError('mismatch_pairs needs mismatch_captions "swapped"')
+        try:
+            swap_partners(self.mismatch_pairs)
+        except ValueError as exc:
+            raise ValueError(f"mismatch_pairs: {exc}") from None
         if not 0.0 <= self.rmsprop_alpha < 1.0 or self.r1_lambda < 0 or self.mismatch_weight < 0:
             raise ValueError(
                 "need 0 <= rmsprop_alpha < 1, r1_lambda >= 0 and mismatch_weight >= 0; "
@@ -271,7 +282,7 @@ def d_micro_step(
     eps_fake = torch.randn_like(fake) if cfg.loss == "relativistic" else None
     wrong = None
     if cfg.negatives == "swapped":
-        wrong_text, wrong_mask = data.swapped(rows, cfg.mismatch_differ)
+        wrong_text, wrong_mask = data.swapped(rows, cfg.mismatch_differ, cfg.mismatch_pairs)
         wrong = wrong_text.to(cfg.device), wrong_mask.to(cfg.device)
     elif cfg.negatives == "borrowed":
         wrong_text, wrong_mask = data.mismatched(

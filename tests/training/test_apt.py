@@ -229,6 +229,15 @@ def test_bad_config_values_raise():
         APTStageConfig(mismatch_differ=("size",))
     with pytest.raises(ValueError, match="mismatch_differ"):
         APTStageConfig(mismatch_differ=())
+    with pytest.raises(ValueError, match='needs mismatch_captions "swapped"'):
+        APTStageConfig(mismatch_pairs=(("circle", "square"),))
+    for bad in [("circle", "red"), ("circle", "circle"), ("circle",), ("circle", "square", "star")]:
+        with pytest.raises(ValueError, match="mismatch_pairs: a swap pair must name two values"):
+            APTStageConfig(mismatch_captions="swapped", mismatch_pairs=(bad,))
+    with pytest.raises(ValueError, match="mismatch_pairs: a value may be in one swap pair only"):
+        APTStageConfig(mismatch_captions="swapped", mismatch_pairs=(("circle", "square"), ("star", "circle")))
+    as_json = APTStageConfig(mismatch_captions="swapped", mismatch_pairs=(["circle", "square"],))
+    assert as_json.mismatch_pairs == (("circle", "square"),)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear"])

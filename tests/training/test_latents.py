@@ -178,6 +178,17 @@ def test_swapped_captions_change_one_attribute_and_nothing_else(minilm):
         named = named_attributes(more.captions[match[0]])
         own = named_attributes(more.captions[row])
         assert named["shape"] != own["shape"] and {**named, "shape": own["shape"]} == own
+    # a pair swaps only to each other: every circle caption's negative is its square, and the other attributes
+    # still swap to any other value
+    swaps = [more.swapped(rows, ("colour", "shape"), (("circle", "square"),))[0] for _ in range(8)]
+    changed = set()
+    for row, t in zip(rows.tolist() * 8, torch.cat(swaps)):
+        match = [i for i in range(len(more.captions)) if torch.equal(more.text_tokens[i].float(), t)]
+        named, own = named_attributes(more.captions[match[0]]), named_attributes(more.captions[row])
+        if "shape" in own and named["shape"] != own["shape"]:
+            assert named["shape"] == "square"
+        changed |= {name for name in own if named[name] != own[name]}
+    assert changed == {"colour", "shape"}
     with pytest.raises(ValueError, match="differ must name"):
         more.swapped(rows, ("size",))
     with pytest.raises(ValueError, match="has no swap"):

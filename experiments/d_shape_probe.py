@@ -1,10 +1,12 @@
 """Does an APT run's discriminator read shape, on real clips and on its generator's? For clips of each shape it rates
 every clip under its own short caption ("a red circle moving left") and under the same caption with each other shape,
-and prints, per clip kind and prompted shape, the share of clips whose own caption D rates highest and D's mean logit
-under each shape's caption. If D picks the right shape on real clips but not on generated ones, the generator's
-clips carry no shape D can read, and D's gradient is all that could teach it one.
+at D's timestep ensemble or at fixed timesteps (`--t`), and prints, per clip kind and prompted shape, the share of
+clips whose own caption D rates highest and D's mean logit under each shape's caption. If D picks the right shape on
+real clips but not on generated ones, the generator's clips carry no shape D can read, and D's gradient is all that
+could teach it one.
 
     .venv/bin/python experiments/d_shape_probe.py --config configs/apt_open_shapeneg_tiny.json --clips 32
+    .venv/bin/python experiments/d_shape_probe.py --config configs/apt_tiny.json --t 0.02 0.1 0.3 0.7
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ def main() -> int:
     parser.add_argument("--config", default="configs/apt_tiny.json", help="the run's APT config (its `out` holds D)")
     parser.add_argument("--clips", type=int, default=32, help="clips per prompted shape")
     parser.add_argument("--draws", type=int, default=4, help="D timesteps per clip, averaged")
+    parser.add_argument(
+        "--t", type=float, nargs="+", help="rate at these fixed D timesteps, a table each (default: D's ensemble)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     cfg = load_stage_config(APTStageConfig, args.config)
@@ -65,29 +70,32 @@ def main() -> int:
                 for i in range(0, len(indices), 16)
             ]
         )
-        print(
-            f"| clips | prompted shape | n | own caption rated highest | D's mean logit per caption shape ({', '.join(SHAPES)}) |"
-        )
-        print("|---|---|---:|---:|---|")
-        for kind, clips in (("real", real), ("generated", fake)):
-            logits = torch.zeros(len(indices), len(SHAPES))
-            for _ in range(args.draws):
-                t = sample_d_timesteps(len(indices), cfg.d_shift)
-                for k in range(len(SHAPES)):
-                    logits[:, k] += (
-                        torch.cat(
-                            [
-                                parts.disc(clips[i : i + 16], t[i : i + 16], tokens[i : i + 16, k], mask[i : i + 16, k])
-                                for i in range(0, len(indices), 16)
-                            ]
-                        )
-                        / args.draws
-                    )
-            for s in SHAPES:
-                rows = own == SHAPES.index(s)
-                right = (logits[rows].argmax(dim=1) == SHAPES.index(s)).float().mean()
-                means = ", ".join(f"{v:+.2f}" for v in logits[rows].mean(dim=0).tolist())
-                print(f"| {kind} | {s} | {int(rows.sum())} | {100 * right:.0f}% | {means} |")
+        for fixed in args.t or [None]:
+            if fixed is not None:
+                print(f"\nD timestep t = {fixed:g}\n")
+            print(
+                "| clips | prompted shape | n | own caption rated highest | D's mean logit per caption shape"
+                f" ({', '.join(SHAPES)}) |"
+            )
+            print("|---|---|---:|---:|---|")
+            for kind, clips in (("real", real), ("generated", fake)):
+                logits = torch.zeros(len(indices), len(SHAPES))
+                for _ in range(1 if fixed is not None else args.draws):
+                    if fixed is None:
+                        t = sample_d_timesteps(len(indices), cfg.d_shift)
+                    else:
+                        t = torch.full((len(indices),), fixed)
+                    for k in range(len(SHAPES)):
+                        rated = [
+                            parts.disc(clips[i : i + 16], t[i : i + 16], tokens[i : i + 16, k], mask[i : i + 16, k])
+                            for i in range(0, len(indices), 16)
+                        ]
+                        logits[:, k] += torch.cat(rated) / (1 if fixed is not None else args.draws)
+                for s in SHAPES:
+                    rows = own == SHAPES.index(s)
+                    right = (logits[rows].argmax(dim=1) == SHAPES.index(s)).float().mean()
+                    means = ", ".join(f"{v:+.2f}" for v in logits[rows].mean(dim=0).tolist())
+                    print(f"| {kind} | {s} | {int(rows.sum())} | {100 * right:.0f}% | {means} |")
     print(f"({time.perf_counter() - began:.0f} s)")
     return 0
 

@@ -80,7 +80,8 @@ def main() -> int:
             print("|---|---|---:|---:|---|")
             for kind, clips in (("real", real), ("generated", fake)):
                 logits = torch.zeros(len(indices), len(SHAPES))
-                for _ in range(1 if fixed is not None else args.draws):
+                draws = args.draws if fixed is None else 1
+                for _ in range(draws):
                     if fixed is None:
                         t = sample_d_timesteps(len(indices), cfg.d_shift)
                     else:
@@ -90,7 +91,7 @@ def main() -> int:
                             parts.disc(clips[i : i + 16], t[i : i + 16], tokens[i : i + 16, k], mask[i : i + 16, k])
                             for i in range(0, len(indices), 16)
                         ]
-                        logits[:, k] += torch.cat(rated) / (1 if fixed is not None else args.draws)
+                        logits[:, k] += torch.cat(rated) / draws
                 for s in SHAPES:
                     rows = own == SHAPES.index(s)
                     right = (logits[rows].argmax(dim=1) == SHAPES.index(s)).float().mean()

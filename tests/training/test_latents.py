@@ -172,19 +172,21 @@ def test_swapped_captions_change_one_attribute_and_nothing_else(minilm):
     assert more.shorter_ids.shape[0] == len(more.captions)  # swapped rows list themselves as their shorter captions
     torch.manual_seed(0)
     rows = more.caption_rows(torch.arange(8).repeat(4), shorter=0.5)
+
+    def named_by(tokens: torch.Tensor) -> dict[str, str]:  # the attributes of the caption these tokens encode
+        match = [i for i in range(len(more.captions)) if torch.equal(more.text_tokens[i].float(), tokens)]
+        return named_attributes(more.captions[match[0]])
+
     text, _ = more.swapped(rows, ("shape",))
     for row, t in zip(rows.tolist(), text):
-        match = [i for i in range(len(more.captions)) if torch.equal(more.text_tokens[i].float(), t)]
-        named = named_attributes(more.captions[match[0]])
-        own = named_attributes(more.captions[row])
+        named, own = named_by(t), named_attributes(more.captions[row])
         assert named["shape"] != own["shape"] and {**named, "shape": own["shape"]} == own
     # a pair swaps only to each other: every circle caption's negative is its square, and the other attributes
     # still swap to any other value
     swaps = [more.swapped(rows, ("colour", "shape"), (("circle", "square"),))[0] for _ in range(8)]
     changed = set()
     for row, t in zip(rows.tolist() * 8, torch.cat(swaps)):
-        match = [i for i in range(len(more.captions)) if torch.equal(more.text_tokens[i].float(), t)]
-        named, own = named_attributes(more.captions[match[0]]), named_attributes(more.captions[row])
+        named, own = named_by(t), named_attributes(more.captions[row])
         if "shape" in own and named["shape"] != own["shape"]:
             assert named["shape"] == "square"
         changed |= {name for name in own if named[name] != own[name]}

@@ -94,10 +94,54 @@ def mlp_width(backbone: MMDiT | WanTransformer) -> int:
     return config.ffn_dim if isinstance(backbone, WanTransformer) else int(config.hidden_size * config.mlp_ratio)
 
 
-class Discriminator(nn.Module):
-    """D(x, t, c) -> one logit per sample, for a clean latent x conditioned on t and the prompt."""
+class MatchingBranch(nn.Module):
+    """A projection-discriminator term read at the latent's own resolution: two 3x3 convolutions over each latent
+    frame, max-pooled over positions and frames, dotted with a linear projection of the caption's mean token.
 
-    def __init__(self, teacher: MMDiT | WanTransformer, fractions: tuple[float, ...] = HEAD_FRACTIONS):
+    The backbone's tokens each cover a patch of latent pixels, and on the tiny model a copy of the teacher did not
+    learn to tell a circle from a square by the caption, trained for that alone; a small convolutional net on the
+    same clean latents tells them apart in a few hundred updates (docs/QUALITY_LOG.md). The caption projection starts
+    at zero, so adding the branch to a trained D leaves its logits unchanged at the first step."""
+
+    def __init__(self, channels: int, text_dim: int, width: int = 128):
+        super().__init__()
+        self.width = width
+        self.convs = nn.Sequential(  # per frame: 2D convolutions over (B * F) frames are the fast ones on CPU
+            nn.Conv2d(channels, width // 2, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(width // 2, width, 3, padding=1),
+            nn.GELU(),
+        )
+        self.text = nn.Linear(text_dim, width)
+        nn.init.zeros_(self.text.weight)
+        nn.init.zeros_(self.text.bias)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, F, h, w) clean latents -> (B, width), max-pooled over frames and positions."""
+        b, c, f, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * f, c, h, w)
+        return self.convs(frames).amax(dim=(2, 3)).view(b, f, -1).amax(dim=1)
+
+    def score(self, features: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """The branch's logit for `features(x)` under a caption: one clip's features can be scored under several."""
+        weights = text_mask.unsqueeze(-1).to(text.dtype)  # (B, L, 1)
+        caption = (text * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)  # (B, text_dim)
+        return (features * self.text(caption)).sum(dim=-1) / math.sqrt(self.width)  # (B,)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return self.score(self.features(x), text, text_mask)
+
+
+class Discriminator(nn.Module):
+    """D(x, t, c) -> one logit per sample, for a clean latent x conditioned on t and the prompt; with
+    `matching_branch`, the MatchingBranch's term is added to the heads' logit."""
+
+    def __init__(
+        self,
+        teacher: MMDiT | WanTransformer,
+        fractions: tuple[float, ...] = HEAD_FRACTIONS,
+        matching_branch: bool = False,
+    ):
         super().__init__()
         config = teacher.config
         self.blocks_read = head_blocks(config.depth, fractions)
@@ -112,11 +156,20 @@ class Discriminator(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.norm = nn.LayerNorm(len(fractions) * d, elementwise_affine=False, eps=1e-6)
         self.proj = nn.Linear(len(fractions) * d, 1)
+        # Registered last, so the parameters before it keep the order of a D without it (and its optimizer state).
+        self.branch = MatchingBranch(config.in_channels, config.text_dim) if matching_branch else None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         _, features = self.backbone(x, t, text, text_mask, return_features=self.blocks_read)  # [(B, N, D)] * 3
         tokens = torch.cat([head(f) for head, f in zip(self.heads, features)], dim=-1)  # (B, 3D)
-        return self.proj(self.norm(tokens)).squeeze(-1)  # (B,)
+        logit = self.proj(self.norm(tokens)).squeeze(-1)  # (B,)
+        if self.branch is not None:
+            logit = logit + self.branch(x, text, text_mask)
+        return logit
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the matching branch's, which has an optimizer (and learning rate) of its own."""
+        return [p for name, p in self.named_parameters() if not name.startswith("branch.")]
 
 
 def sample_d_timesteps(

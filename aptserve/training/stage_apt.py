@@ -86,6 +86,15 @@ class APTStageConfig:
     # With "swapped": pairs of values that swap only to each other, e.g. [["circle", "square"]], so that the values D
     # confuses are each other's negative every time (the others still swap to any other value).
     mismatch_pairs: tuple[tuple[str, str], ...] = ()
+    # A projection term at the latent's own resolution added to D's logit (discriminator.MatchingBranch), trained
+    # with its own optimizer at lr_branch (lr_d when None). A run whose state predates it resumes with a fresh one.
+    matching_branch: bool = False
+    lr_branch: float | None = None
+    # Updates of a fresh branch alone before the adversarial steps, as a matching classifier on real clips: each clip
+    # under its own caption a positive, under its swapped caption a negative (needs swapped negatives). The branch is
+    # tiny and reads clean latents, so this costs seconds; without it the branch learns shape only as fast as D's
+    # mismatch term teaches it, while G already trains against it.
+    branch_warmup: int = 0
     shorter_captions: float = 0.0  # fraction of samples with a shorter caption of their clip (G and D alike)
     export_dtype: str = "float16"  # storage precision of the exported checkpoint (half the size of float32)
     seed: int = 0
@@ -109,7 +118,11 @@ class APTStageConfig:
         positive |= {"lr_g": self.lr_g, "lr_d": self.lr_d}
         positive |= {"r1_sigma": self.r1_sigma, "d_shift": self.d_shift}
         positive |= {"checkpoint_every": self.checkpoint_every, "log_every": self.log_every}
+        if self.lr_branch is not None:
+            positive["lr_branch"] = self.lr_branch
         bad = {k: v for k, v in positive.items() if not v > 0}
+        if self.branch_warmup < 0:
+            bad["branch_warmup"] = self.branch_warmup
         if bad:
             raise ValueError(f"APTStageConfig values must be positive; got {bad}")
         if self.mismatch_captions not in MISMATCH_CAPTIONS:
@@ -125,6 +138,8 @@ class APTStageConfig:
             swap_partners(self.mismatch_pairs)
         except ValueError as exc:
             raise ValueError(f"mismatch_pairs: {exc}") from None
+        if self.branch_warmup and not (self.matching_branch and self.negatives == "swapped"):
+            raise ValueError("branch_warmup needs matching_branch and swapped negatives (mismatch_weight > 0)")
         if not 0.0 <= self.rmsprop_alpha < 1.0 or self.r1_lambda < 0 or self.mismatch_weight < 0:
             raise ValueError(
                 "need 0 <= rmsprop_alpha < 1, r1_lambda >= 0 and mismatch_weight >= 0; "
@@ -147,7 +162,10 @@ def lr_factor(step: int, cfg: APTStageConfig) -> float:
 
 def set_learning_rates(parts: APTParts, step: int, cfg: APTStageConfig) -> None:
     factor = lr_factor(step, cfg)
-    for opt, lr in ((parts.opt_g, cfg.lr_g), (parts.opt_d, cfg.lr_d)):
+    rates = [(parts.opt_g, cfg.lr_g), (parts.opt_d, cfg.lr_d)]
+    if parts.opt_branch is not None:
+        rates.append((parts.opt_branch, cfg.lr_d if cfg.lr_branch is None else cfg.lr_branch))
+    for opt, lr in rates:
         for group in opt.param_groups:
             group["lr"] = lr * factor
 
@@ -160,35 +178,55 @@ class APTParts:
     disc: Discriminator
     ema: EMA
     opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer  # D without its matching branch
+    opt_branch: torch.optim.Optimizer | None = None  # the matching branch's, when D has one
+    fresh_branch: bool = True  # False once a state with a trained branch is loaded
+
+    @property
+    def d_optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        return (self.opt_d,) if self.opt_branch is None else (self.opt_d, self.opt_branch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "generator": self.generator.state_dict(),
             "disc": self.disc.state_dict(),
             "ema": self.ema.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
         }
+        if self.opt_branch is not None:
+            state["opt_branch"] = self.opt_branch.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
-        self.disc.load_state_dict(state["disc"])
+        fresh_branch = self.disc.branch is not None and "opt_branch" not in state
+        missing, unexpected = self.disc.load_state_dict(state["disc"], strict=not fresh_branch)
+        if unexpected or any(not name.startswith("branch.") for name in missing):
+            raise RuntimeError(f"discriminator state does not match: missing {missing}, unexpected {unexpected}")
+        if fresh_branch:
+            log.info("the run's state has no matching branch: D resumes with a fresh one")
         self.ema.load_state_dict(state["ema"])
         device = next(self.generator.parameters()).device  # the run file is loaded onto the CPU
         self.ema.shadow = {name: value.to(device) for name, value in self.ema.shadow.items()}
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        if self.opt_branch is not None and not fresh_branch:
+            self.opt_branch.load_state_dict(state["opt_branch"])
+            self.fresh_branch = False
 
 
 def make_parts(teacher: MMDiT | WanTransformer, generator: MMDiT | WanTransformer, cfg: APTStageConfig) -> APTParts:
     """D from a copy of the teacher (the teacher itself is left untouched), G from the student, both trainable."""
-    disc = Discriminator(teacher).to(cfg.device).train()
+    disc = Discriminator(teacher, matching_branch=cfg.matching_branch).to(cfg.device).train()
     generator = generator.to(cfg.device).train().requires_grad_(True)
     generator.attention_impl = TRAIN_ATTENTION
     opt_g = make_optimizer(generator.parameters(), cfg.lr_g, cfg)
-    opt_d = make_optimizer(disc.parameters(), cfg.lr_d, cfg)
-    return APTParts(generator, disc, EMA(generator, cfg.ema_decay, cfg.ema_warmup), opt_g, opt_d)
+    opt_d = make_optimizer(disc.main_parameters(), cfg.lr_d, cfg)
+    opt_branch = None
+    if disc.branch is not None:
+        opt_branch = make_optimizer(disc.branch.parameters(), cfg.lr_d if cfg.lr_branch is None else cfg.lr_branch, cfg)
+    return APTParts(generator, disc, EMA(generator, cfg.ema_decay, cfg.ema_warmup), opt_g, opt_d, opt_branch)
 
 
 def generate(
@@ -270,6 +308,32 @@ def accumulated(micro_step: Callable[[], dict[str, torch.Tensor]], n: int) -> di
     return sums
 
 
+def warm_up_branch(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dict[str, float]:
+    """`cfg.branch_warmup` updates of D's matching branch alone (see APTStageConfig.branch_warmup), at lr_branch and
+    a batch of batch_size * accumulate clips; returns the mean loss and the share of clips whose own caption the
+    branch rated above the swapped one, over the last 50 updates."""
+    branch = parts.disc.branch
+    if branch is None:
+        raise ValueError("D has no matching branch to warm up")
+    n = cfg.batch_size * cfg.accumulate
+    last: list[tuple[float, float]] = []
+    for _ in range(cfg.branch_warmup):
+        indices = torch.randint(len(data), (n,))
+        rows = data.caption_rows(indices, cfg.shorter_captions)
+        x, text, mask = sample_batch(data, cfg, indices, rows)
+        wrong_text, wrong_mask = data.swapped(rows, cfg.mismatch_differ, cfg.mismatch_pairs)
+        features = branch.features(x)
+        own = branch.score(features, text, mask)
+        wrong = branch.score(features, wrong_text.to(cfg.device), wrong_mask.to(cfg.device))
+        loss = F.softplus(-own).mean() + F.softplus(wrong).mean()
+        parts.opt_branch.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.opt_branch.step()
+        last = [*last[-49:], (loss.item(), (own > wrong).float().mean().item())]
+    parts.fresh_branch = False
+    return {"loss": sum(v[0] for v in last) / len(last), "right": sum(v[1] for v in last) / len(last)}
+
+
 def d_micro_step(
     parts: APTParts, data: LatentSet, cfg: APTStageConfig, slots: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
@@ -295,9 +359,11 @@ def d_micro_step(
 def d_step(
     parts: APTParts, data: LatentSet, cfg: APTStageConfig, slots: torch.Tensor | None = None
 ) -> dict[str, float]:
-    parts.opt_d.zero_grad(set_to_none=True)
+    for opt in parts.d_optimizers:
+        opt.zero_grad(set_to_none=True)
     logged = accumulated(lambda: d_micro_step(parts, data, cfg, slots), cfg.accumulate)
-    parts.opt_d.step()
+    for opt in parts.d_optimizers:
+        opt.step()
     return logged
 
 
@@ -379,6 +445,15 @@ def train_apt(cfg: APTStageConfig, progress: bool = True) -> Path:
         run, cfg.steps, get_state, parts.load_state_dict, cfg.checkpoint_every, cfg.log_every, progress, "train apt"
     )
     trainer.resume()
+    if cfg.branch_warmup and parts.fresh_branch:
+        set_learning_rates(parts, trainer.step, cfg)
+        warm = warm_up_branch(parts, data, cfg)
+        log.info(
+            "matching branch: %d updates alone; last 50: loss %.3f, own caption above the swapped one for %.1f%%",
+            cfg.branch_warmup,
+            warm["loss"],
+            100 * warm["right"],
+        )
     slots = data.caption_slots() if cfg.negatives == "borrowed" else None
 
     def step(i: int) -> dict[str, float]:

@@ -238,6 +238,12 @@ def test_bad_config_values_raise():
         APTStageConfig(mismatch_captions="swapped", mismatch_pairs=(("circle", "square"), ("star", "circle")))
     as_json = APTStageConfig(mismatch_captions="swapped", mismatch_pairs=(["circle", "square"],))
     assert as_json.mismatch_pairs == (("circle", "square"),)
+    with pytest.raises(ValueError, match="lr_branch"):
+        APTStageConfig(matching_branch=True, lr_branch=0.0)
+    with pytest.raises(ValueError, match="branch_warmup needs matching_branch and swapped negatives"):
+        APTStageConfig(branch_warmup=10, mismatch_weight=0.5, mismatch_captions="swapped")
+    with pytest.raises(ValueError, match="branch_warmup needs matching_branch and swapped negatives"):
+        APTStageConfig(branch_warmup=10, matching_branch=True)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
@@ -351,3 +357,97 @@ def test_matching_aware_d_rates_real_clips_under_wrong_captions_as_fakes(parts, 
     assert {"d_mismatch", "mismatch"} <= set(logged) and calls and calls[0][1] == ("shape",)
     with pytest.raises(ValueError, match="mismatch_captions"):
         dataclasses.replace(cfg, mismatch_captions="random")
+
+
+def shape_like_latents(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips of two kinds told apart only by a small pattern at latent resolution (a 2x2 bump in channel 0 or in
+    channel 1, at a random position), in noise: (latents, kind)."""
+    x = 0.5 * torch.randn(n, *LATENT, generator=generator)
+    kind = torch.arange(n) % 2
+    for i in range(n):
+        r, c = torch.randint(LATENT[2] - 1, (2,), generator=generator).tolist()
+        x[i, int(kind[i]), :, r : r + 2, c : c + 2] += 2.0
+    return x, kind
+
+
+def test_matching_branch_starts_silent_then_learns_which_caption_a_clip_matches(teacher, cfg):
+    cfg = dataclasses.replace(cfg, matching_branch=True, lr_branch=1e-2)
+    torch.manual_seed(0)
+    parts = make_parts(teacher, tiny_dit(2), cfg)
+    branch = parts.disc.branch
+    data = tiny_latents()
+    x, text, mask = real_batch(data)
+    assert torch.equal(branch(x, text, mask), torch.zeros(2))  # a trained D's logits are unchanged at first
+    assert set(map(id, parts.opt_branch.param_groups[0]["params"])) == set(map(id, branch.parameters()))
+    assert not set(map(id, parts.opt_d.param_groups[0]["params"])) & set(map(id, branch.parameters()))
+    set_learning_rates(parts, 0, cfg)
+    assert parts.opt_branch.param_groups[0]["lr"] == pytest.approx(1e-2)
+    d_step(parts, data, cfg)  # D's step updates the branch too
+    assert branch.text.weight.abs().sum() > 0
+
+    # Trained alone as a matching classifier (caption row 1 for kind 0, row 2 for kind 1), it reads the pattern.
+    g = torch.Generator().manual_seed(1)
+    captions = data.text_tokens[1:3].float(), data.text_mask[1:3]
+    for _ in range(150):
+        x, kind = shape_like_latents(16, g)
+        own = branch(x, captions[0][kind], captions[1][kind])
+        wrong = branch(x, captions[0][1 - kind], captions[1][1 - kind])
+        loss = torch.nn.functional.softplus(-own).mean() + torch.nn.functional.softplus(wrong).mean()
+        parts.opt_branch.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.opt_branch.step()
+    x, kind = shape_like_latents(32, g)
+    with torch.no_grad():
+        gap = branch(x, captions[0][kind], captions[1][kind]) - branch(x, captions[0][1 - kind], captions[1][1 - kind])
+    assert (gap > 0).all()
+
+
+def test_a_run_from_before_the_matching_branch_resumes_with_a_fresh_one(teacher, cfg):
+    torch.manual_seed(0)
+    before = make_parts(teacher, tiny_dit(2), cfg)
+    d_step(before, tiny_latents(), cfg)
+    state = before.state_dict()
+    with_branch = dataclasses.replace(cfg, matching_branch=True)
+    after = make_parts(teacher, tiny_dit(3), with_branch)
+    after.load_state_dict(state)
+    old = before.disc.state_dict()
+    assert all(torch.equal(v, old[k]) for k, v in after.disc.state_dict().items() if not k.startswith("branch."))
+    assert after.opt_d.state_dict()["state"].keys() == state["opt_d"]["state"].keys()
+    assert after.opt_branch.state_dict()["state"] == {} and after.fresh_branch
+    x, text, mask = real_batch(tiny_latents())
+    t = torch.rand(2)
+    with torch.no_grad():
+        torch.testing.assert_close(after.disc(x, t, text, mask), before.disc(x, t, text, mask))
+    d_step(after, tiny_latents(), with_branch)
+    resumed = make_parts(teacher, tiny_dit(3), with_branch)
+    resumed.load_state_dict(after.state_dict())  # its own state, branch and its optimizer included
+    assert resumed.opt_branch.state_dict()["state"].keys() == after.opt_branch.state_dict()["state"].keys()
+    assert not resumed.fresh_branch  # so a resumed run does not warm its branch up again
+    with pytest.raises(RuntimeError, match="branch"):
+        make_parts(teacher, tiny_dit(3), cfg).load_state_dict(after.state_dict())
+
+
+def test_branch_warmup_trains_the_branch_alone_on_swapped_captions(teacher, cfg):
+    cfg = dataclasses.replace(
+        cfg,
+        matching_branch=True,
+        lr_branch=1e-2,
+        branch_warmup=3,
+        mismatch_weight=0.5,
+        mismatch_captions="swapped",
+        mismatch_differ=("shape",),
+    )
+    swaps = torch.full((3, 3, 6), -1, dtype=torch.long)
+    swaps[1, 1, 1], swaps[2, 1, 0] = 2, 1  # caption rows 1 and 2 are each other's shape swap
+    data = dataclasses.replace(tiny_latents(), swapped_ids=swaps)
+    torch.manual_seed(0)
+    parts = make_parts(teacher, tiny_dit(2), cfg)
+    main = {k: v.clone() for k, v in parts.disc.state_dict().items() if not k.startswith("branch.")}
+    generator = {k: v.clone() for k, v in parts.generator.state_dict().items()}
+    set_learning_rates(parts, 0, cfg)
+    warm = stage_apt.warm_up_branch(parts, data, cfg)
+    assert set(warm) == {"loss", "right"} and 0.0 <= warm["right"] <= 1.0 and not parts.fresh_branch
+    assert parts.disc.branch.text.weight.abs().sum() > 0
+    after = parts.disc.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in main.items())
+    assert all(torch.equal(parts.generator.state_dict()[k], v) for k, v in generator.items())

@@ -104,6 +104,11 @@ class APTStageConfig:
     device: str = "cpu"
 
     @property
+    def branch_lr(self) -> float:
+        """The matching branch's learning rate: lr_branch, or lr_d when that is None."""
+        return self.lr_d if self.lr_branch is None else self.lr_branch
+
+    @property
     def negatives(self) -> str | None:
         """Which mismatched-caption negatives D sees: "borrowed", "swapped", or None without them."""
         return self.mismatch_captions if self.mismatch_weight > 0 else None
@@ -164,7 +169,7 @@ def set_learning_rates(parts: APTParts, step: int, cfg: APTStageConfig) -> None:
     factor = lr_factor(step, cfg)
     rates = [(parts.opt_g, cfg.lr_g), (parts.opt_d, cfg.lr_d)]
     if parts.opt_branch is not None:
-        rates.append((parts.opt_branch, cfg.lr_d if cfg.lr_branch is None else cfg.lr_branch))
+        rates.append((parts.opt_branch, cfg.branch_lr))
     for opt, lr in rates:
         for group in opt.param_groups:
             group["lr"] = lr * factor
@@ -225,7 +230,7 @@ def make_parts(teacher: MMDiT | WanTransformer, generator: MMDiT | WanTransforme
     opt_d = make_optimizer(disc.main_parameters(), cfg.lr_d, cfg)
     opt_branch = None
     if disc.branch is not None:
-        opt_branch = make_optimizer(disc.branch.parameters(), cfg.lr_d if cfg.lr_branch is None else cfg.lr_branch, cfg)
+        opt_branch = make_optimizer(disc.branch.parameters(), cfg.branch_lr, cfg)
     return APTParts(generator, disc, EMA(generator, cfg.ema_decay, cfg.ema_warmup), opt_g, opt_d, opt_branch)
 
 

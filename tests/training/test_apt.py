@@ -414,6 +414,8 @@ def test_a_run_from_before_the_matching_branch_resumes_with_a_fresh_one(teacher,
     assert all(torch.equal(v, old[k]) for k, v in after.disc.state_dict().items() if not k.startswith("branch."))
     assert after.opt_d.state_dict()["state"].keys() == state["opt_d"]["state"].keys()
     assert after.opt_branch.state_dict()["state"] == {} and after.fresh_branch
+    set_learning_rates(after, 0, with_branch)
+    assert after.opt_branch.param_groups[0]["lr"] == pytest.approx(cfg.lr_d)  # lr_branch None: D's
     x, text, mask = real_batch(tiny_latents())
     t = torch.rand(2)
     with torch.no_grad():

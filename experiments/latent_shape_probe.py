@@ -1,7 +1,7 @@
 """Is the shape in the clean VAE latents, where D reads them? Trains two small shape classifiers on the training
 latents (no captions) and prints their held-out accuracy as they learn: one sees only what one backbone token sees (a
 linear patch embedding of 1x2x2 latent pixels, then per-token layers, max-pooled), the other 3x3 convolutions at the
-latent's own resolution (the layout of `discriminator.MatchingBranch`). If both reach high accuracy, the shape is
+latent's own resolution (the features of `discriminator.MatchingBranch`). If both reach high accuracy, the shape is
 there, and a discriminator that cannot tell a circle from a square by the caption fails to learn it, not to see it.
 
     .venv/bin/python experiments/latent_shape_probe.py
@@ -18,6 +18,7 @@ from torch import nn
 
 from aptserve.engines.loading import load_components
 from aptserve.training.data import SHAPES, named_attributes
+from aptserve.training.discriminator import MatchingBranch
 from aptserve.training.latents import LatentSet
 
 
@@ -32,16 +33,20 @@ def classifiers(channels: int) -> dict[str, nn.Module]:
             nn.Flatten(),
             nn.Linear(256, len(SHAPES)),
         ),
-        "3x3 convolutions at latent resolution": nn.Sequential(
-            nn.Conv3d(channels, 64, (1, 3, 3), padding=(0, 1, 1)),
-            nn.GELU(),
-            nn.Conv3d(64, 128, (1, 3, 3), padding=(0, 1, 1)),
-            nn.GELU(),
-            nn.AdaptiveMaxPool3d(1),
-            nn.Flatten(),
-            nn.Linear(128, len(SHAPES)),
-        ),
+        "3x3 convolutions at latent resolution (D's matching branch)": BranchClassifier(channels),
     }
+
+
+class BranchClassifier(nn.Module):
+    """The features of D's matching branch, read by a linear layer instead of the caption."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.branch = MatchingBranch(channels, text_dim=1)
+        self.out = nn.Linear(self.branch.width, len(SHAPES))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.branch.features(x))
 
 
 def main() -> int:

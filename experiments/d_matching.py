@@ -3,7 +3,8 @@ as a matching classifier on real clips of the given shapes: each clip under its 
 caption with the shape swapped (circle <-> square for two shapes) a negative, softplus losses as D's. Every
 `--eval-every` updates it rates held-out clips (never trained on) under both captions at fixed timestep draws and
 prints the share whose own caption scores higher and the mean logit gap. If this does not rise well above 50% within
-a few hundred updates, D's backbone (the teacher) carries no shape it can read, and no APT recipe can teach G one.
+a few hundred updates, D does not learn to read shape by the caption (whether the latents carry it:
+`latent_shape_probe.py`), and its gradient cannot teach G shape.
 
     .venv/bin/python experiments/d_matching.py --config configs/apt_pairs_tiny.json --steps 200
 """
@@ -14,12 +15,11 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from aptserve.engines.loading import load_components
 from aptserve.training.common import load_stage_config
 from aptserve.training.data import named_attributes
-from aptserve.training.discriminator import sample_d_timesteps
+from aptserve.training.discriminator import d_adversarial_loss, sample_d_timesteps
 from aptserve.training.latents import LatentSet
 from aptserve.training.stage_apt import APTStageConfig, make_optimizer, make_parts
 
@@ -108,7 +108,7 @@ def main() -> int:
     for step in range(1, args.steps + 1):
         indices = train[torch.randint(len(train), (args.batch,))]
         own, wrong = rate(indices, timesteps(args.batch))
-        loss = F.softplus(-own).mean() + F.softplus(wrong).mean()
+        loss = d_adversarial_loss(own, wrong, "nonsaturating")  # the own caption a real, the swapped one a fake
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -185,7 +185,11 @@ class APTParts:
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer  # D without its matching branch
     opt_branch: torch.optim.Optimizer | None = None  # the matching branch's, when D has one
-    fresh_branch: bool = True  # False once a state with a trained branch is loaded
+
+    @property
+    def fresh_branch(self) -> bool:
+        """D has a matching branch that has never been updated (in this run or the state it resumed)."""
+        return self.opt_branch is not None and not self.opt_branch.state
 
     @property
     def d_optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
@@ -205,20 +209,19 @@ class APTParts:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
-        fresh_branch = self.disc.branch is not None and "opt_branch" not in state
-        missing, unexpected = self.disc.load_state_dict(state["disc"], strict=not fresh_branch)
+        branch_missing = self.disc.branch is not None and "opt_branch" not in state
+        missing, unexpected = self.disc.load_state_dict(state["disc"], strict=not branch_missing)
         if unexpected or any(not name.startswith("branch.") for name in missing):
             raise RuntimeError(f"discriminator state does not match: missing {missing}, unexpected {unexpected}")
-        if fresh_branch:
+        if branch_missing:
             log.info("the run's state has no matching branch: D resumes with a fresh one")
         self.ema.load_state_dict(state["ema"])
         device = next(self.generator.parameters()).device  # the run file is loaded onto the CPU
         self.ema.shadow = {name: value.to(device) for name, value in self.ema.shadow.items()}
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        if self.opt_branch is not None and not fresh_branch:
+        if self.opt_branch is not None and not branch_missing:
             self.opt_branch.load_state_dict(state["opt_branch"])
-            self.fresh_branch = False
 
 
 def make_parts(teacher: MMDiT | WanTransformer, generator: MMDiT | WanTransformer, cfg: APTStageConfig) -> APTParts:
@@ -330,12 +333,11 @@ def warm_up_branch(parts: APTParts, data: LatentSet, cfg: APTStageConfig) -> dic
         features = branch.features(x)
         own = branch.score(features, text, mask)
         wrong = branch.score(features, wrong_text.to(cfg.device), wrong_mask.to(cfg.device))
-        loss = F.softplus(-own).mean() + F.softplus(wrong).mean()
+        loss = d_adversarial_loss(own, wrong, "nonsaturating")  # the own caption a real, the swapped one a fake
         parts.opt_branch.zero_grad(set_to_none=True)
         loss.backward()
         parts.opt_branch.step()
         last = [*last[-49:], (loss.item(), (own > wrong).float().mean().item())]
-    parts.fresh_branch = False
     return {"loss": sum(v[0] for v in last) / len(last), "right": sum(v[1] for v in last) / len(last)}
 
 

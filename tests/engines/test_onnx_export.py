@@ -3,12 +3,14 @@ torch in fp32, the FP8 Q/DQ graph against the torch FP8 emulation, the plugin fo
 
 FP8 bound. The graph computes what `FP8Linear._emulated` computes: the same e4m3 weights and scales, the same per-token
 activation scale and rounding, only with the scales applied before the fp32 matmul instead of after it. Run op by op
-(onnxruntime's basic level: constant folding, no fusions) it measures 6e-7 against outputs of size ~1, so the bound is
-the fp32 one, 1e-4. Any fused runtime reassociates fp32 math (onnxruntime's extended level fuses RMSNorm, SiLU and
+(onnxruntime's basic level: constant folding, no fusions) it measured 6e-7 against outputs of size ~1 on an AMD EPYC
+host; on an Intel Xeon host onnxruntime's fp32 MatMul sums in another order than torch's, one activation flips (below)
+and the tiny MMDiT differs by 7.9e-3 op by op (Wan tiny: 1.6e-7). Any fused runtime reassociates fp32 math (onnxruntime's extended level fuses RMSNorm, SiLU and
 MatMul scaling; TensorRT fuses more), and an FP8 model amplifies such 1e-7 changes: an activation on an e4m3 rounding
 boundary flips to its neighbour, one step of 6-12%, and later layers carry it. On the tiny MMDiT a 1e-7 relative nudge
 of the text input moves the torch emulation itself by 8.3e-3, and the fused onnxruntime graph differs by the same
-8.3e-3 (Wan tiny: 2e-7); the FP8 error against fp32 is 1.9e-2. Fused, the bound is 2.5e-2: flips, not a wrong graph.
+8.3e-3 (Wan tiny: 2e-7); the FP8 error against fp32 is 1.9e-2. Op by op and fused, the bound is 2.5e-2: flips, not a
+wrong graph; `test_generator_matches_torch_in_fp32` holds the same graph code to 1e-4 without FP8.
 """
 
 import copy
@@ -30,8 +32,7 @@ from aptserve.engines.quant import DIT_SKIP, quantize_model, quantized_layer_nam
 from aptserve.engines.vae import VAE_PRESETS, CausalVAE
 
 FP32_BOUND = 1e-4  # max abs difference, onnxruntime vs torch, fp32 (measured below 1e-6 for the generators)
-FP8_BOUND = 1e-4  # max abs difference, onnxruntime Q/DQ op by op vs torch FP8 emulation (see the module docstring)
-FP8_FUSED_BOUND = 2.5e-2  # the same with onnxruntime's fusions: e4m3 rounding flips (see the module docstring)
+FP8_BOUND = 2.5e-2  # max abs difference, onnxruntime Q/DQ (op by op or fused) vs torch FP8 emulation: e4m3 flips
 FP8_MIN_EFFECT = 1e-3  # the FP8 graph must differ from fp32 by more than this: it carries e4m3 rounding
 BUCKET = ox.Bucket(width=32, height=32, frames=9)  # latent 3 x 4 x 4: 12 video tokens, 3 decode chunks
 ARCHS = ("tiny", "wan-tiny")
@@ -89,7 +90,7 @@ def test_fp8_graph_matches_torch_emulation(name, generators, inputs, tmp_path) -
     with torch.no_grad():
         want, full = fp8(**feeds), generator(**feeds)
     assert _max_diff(velocity, want) < FP8_BOUND
-    assert _max_diff(fused, want) < FP8_FUSED_BOUND
+    assert _max_diff(fused, want) < FP8_BOUND
     assert _max_diff(velocity, full) > FP8_MIN_EFFECT
     assert len(quantized_layer_names(fp8)) == layers, "the export swaps the FP8 layers back"
 

@@ -31,7 +31,7 @@ def main() -> None:
     wanted = named_attributes(args.prompt)
     for model in args.models:
         pipeline = Pipeline.from_name(model, "cpu", torch.float32)
-        right, first, by_value = 0, [], defaultdict(lambda: [0, 0])
+        right, right_first, first, by_value = 0, 0, [], defaultdict(lambda: [0, 0])
         for seed in range(args.seeds):
             request = pipeline.complete_prompts(pipeline.request(args.prompt, seed))
             reading = analyze(pipeline.generate_video(request)[0][0])
@@ -39,6 +39,7 @@ def main() -> None:
             ok = read == wanted
             right += ok
             if seed < 8:
+                right_first += ok
                 first.append(f"{seed}:{'/'.join(read.values())}{' ok' if ok else ''}")
             drawn = named_attributes(request.prompts[0])
             for name in OPTIONAL_ATTRIBUTES:
@@ -46,7 +47,7 @@ def main() -> None:
                     by_value[drawn[name]][0] += ok
                     by_value[drawn[name]][1] += 1
         low, high = wilson_interval(right, args.seeds)
-        print(f"{model}: seeds 0-7 {sum(' ok' in f for f in first)} of 8 ({', '.join(first)})")
+        print(f"{model}: seeds 0-7 {right_first} of 8 ({', '.join(first)})")
         print(
             f"  all {right} of {args.seeds} = {right / args.seeds:.1%} (95% {low:.1%}-{high:.1%}); by drawn value: "
             + ", ".join(f"{v} {k[0]}/{k[1]}" for v, k in sorted(by_value.items()))

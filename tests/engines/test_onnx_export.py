@@ -5,8 +5,8 @@ FP8 bound. The graph computes what `FP8Linear._emulated` computes: the same e4m3
 activation scale and rounding, only with the scales applied before the fp32 matmul instead of after it. Run op by op
 (onnxruntime's basic level: constant folding, no fusions) it measured 6e-7 against outputs of size ~1 on an AMD EPYC
 host; on an Intel Xeon host onnxruntime's fp32 MatMul sums in another order than torch's, one activation flips (below)
-and the tiny MMDiT differs by 7.9e-3 op by op (Wan tiny: 1.6e-7). Any fused runtime reassociates fp32 math (onnxruntime's extended level fuses RMSNorm, SiLU and
-MatMul scaling; TensorRT fuses more), and an FP8 model amplifies such 1e-7 changes: an activation on an e4m3 rounding
+and the tiny MMDiT differs by 7.9e-3 op by op (Wan tiny: 1.6e-7). Any fused runtime reassociates fp32 math
+(onnxruntime's extended level fuses RMSNorm, SiLU and MatMul scaling; TensorRT fuses more), and an FP8 model amplifies such 1e-7 changes: an activation on an e4m3 rounding
 boundary flips to its neighbour, one step of 6-12%, and later layers carry it. On the tiny MMDiT a 1e-7 relative nudge
 of the text input moves the torch emulation itself by 8.3e-3, and the fused onnxruntime graph differs by the same
 8.3e-3 (Wan tiny: 2e-7); the FP8 error against fp32 is 1.9e-2. Op by op and fused, the bound is 2.5e-2: flips, not a
